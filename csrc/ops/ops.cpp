@@ -1,0 +1,34 @@
+// The torchmoe operator library: every schema, in one place. Kernels register per dispatch key
+// in csrc/ops/{cpu,cuda,meta,autograd}/.
+#include <torch/library.h>
+
+TORCH_LIBRARY(torchmoe, m) {
+  const std::vector<at::Tag> tags{at::Tag::pt2_compliant_tag};
+
+  // Top-k expert selection over softmax/sigmoid scores, optional bias and group limiting; normalised weights.
+  m.def("topk_gating(Tensor logits, int k, str score_func=\"softmax\", bool renormalize=True, "
+        "Tensor? expert_bias=None, int num_expert_groups=1, int topk_expert_groups=1, float scale=1.0) "
+        "-> (Tensor weights, Tensor indices)", tags);
+  // d logits from d weights, given the selection the forward made.
+  m.def("_topk_gating_backward(Tensor grad_weights, Tensor logits, Tensor indices, str score_func, "
+        "bool renormalize, float scale) -> Tensor", tags);
+
+  // Slot of every (token, choice) in its expert's queue: a stable counting sort; capacity or dropless.
+  m.def("route_plan(Tensor indices, int num_experts, int capacity=-1, Tensor? priority=None) "
+        "-> (Tensor dest, Tensor counts)", tags);
+
+  // out[dest[n, j]] = x[n]; unfilled rows are zero.
+  m.def("dispatch(Tensor x, Tensor dest, SymInt num_rows) -> Tensor", tags);
+  // dx[n] = sum_j grad_out[dest[n, j]] over kept slots.
+  m.def("_dispatch_backward(Tensor grad_out, Tensor dest) -> Tensor", tags);
+
+  // y[n] = sum_j weights[n, j] * expert_out[dest[n, j]] over kept slots, accumulated in float32.
+  m.def("combine(Tensor expert_out, Tensor dest, Tensor weights) -> Tensor", tags);
+  m.def("_combine_backward(Tensor grad_output, Tensor expert_out, Tensor dest, Tensor weights) "
+        "-> (Tensor grad_expert_out, Tensor grad_weights)", tags);
+
+  // out[rows of e] = x[rows of e] @ weight[e], rows grouped by expert as counts says.
+  m.def("grouped_mm(Tensor x, Tensor weight, Tensor counts) -> Tensor", tags);
+  m.def("_grouped_mm_backward(Tensor grad_output, Tensor x, Tensor weight, Tensor counts) "
+        "-> (Tensor grad_x, Tensor grad_weight)", tags);
+}

@@ -1,0 +1,8 @@
+// The torchmoe C++ API. Link against libtorchmoe (or torchmoe/_C.so) and libtorch.
+#pragma once
+
+#include "ops/combine.h"
+#include "ops/dispatch.h"
+#include "ops/grouped_mm.h"
+#include "ops/route_plan.h"
+#include "ops/topk_gating.h"

@@ -1,0 +1,46 @@
+"""torchmoe: fused Mixture-of-Experts routing and dispatch ops for PyTorch.
+
+`import torchmoe` registers the ops under `torch.ops.torchmoe` (usable from Python, TorchScript,
+torch.compile and C++) and exposes typed functional wrappers:
+
+- :func:`topk_gating`  — top-k expert selection and gate weights
+- :func:`route_plan`   — slot of each (token, choice) in its expert's buffer (capacity or dropless)
+- :func:`dispatch` / :func:`combine` — move token rows into expert buffers and back
+- :func:`grouped_mm`   — one matmul per expert over rows grouped by expert
+- :func:`capacity`     — the expert capacity for a capacity factor
+
+`torchmoe.reference` holds plain-PyTorch versions of every op, `torchmoe.losses` the auxiliary
+losses and `torchmoe.nn` the modules.
+"""
+from . import _library
+
+_library.load()
+
+from .ops import capacity, combine, dispatch, grouped_mm, route_plan, topk_gating  # noqa: E402
+from . import reference  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "topk_gating",
+    "route_plan",
+    "dispatch",
+    "combine",
+    "grouped_mm",
+    "capacity",
+    "reference",
+    "library_path",
+    "built_with_cuda",
+]
+
+library_path = _library.library_path
+built_with_cuda = _library.built_with_cuda
+
+
+def __getattr__(name):
+    # Submodules that import torch.nn machinery load on first use.
+    if name in ("nn", "losses"):
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'torchmoe' has no attribute {name!r}")

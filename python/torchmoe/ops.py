@@ -1,0 +1,112 @@
+"""Typed functional wrappers around torch.ops.torchmoe.*.
+
+Every wrapper is a thin call into the compiled op (no Python work on the hot path) and is
+TorchScript-compatible, so modules that use them can be scripted. Semantics: DESIGN.md.
+"""
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+def topk_gating(
+    logits: Tensor,
+    k: int,
+    score_func: str = "softmax",
+    renormalize: bool = True,
+    expert_bias: Optional[Tensor] = None,
+    num_expert_groups: int = 1,
+    topk_expert_groups: int = 1,
+    scale: float = 1.0,
+) -> Tuple[Tensor, Tensor]:
+    """Select the top-k experts of every token and compute their gate weights.
+
+    Args:
+        logits: router logits ``[..., E]`` (float16, bfloat16, float32 or float64). Arithmetic is done in
+            float32 (float64 for float64 logits).
+        k: experts per token, ``0 < k <= E``.
+        score_func: ``"softmax"`` (over all E) or ``"sigmoid"``.
+        renormalize: divide the k selected scores by their sum. For softmax this equals a softmax over
+            the k selected logits (the scatter-softmax of the seed notebooks).
+        expert_bias: optional float32 ``[E]`` added to the scores for *selection only* (aux-loss-free
+            load balancing); it never enters the weights and gets no gradient.
+        num_expert_groups / topk_expert_groups: group-limited routing (DeepSeek-V3): E is split into
+            ``num_expert_groups`` equal groups, each scored by the sum of its two best selection scores, and
+            only the best ``topk_expert_groups`` groups are eligible.
+        scale: multiplies the final weights.
+
+    Returns:
+        ``(weights, indices)``: ``weights [..., k]`` in the dtype of ``logits`` and ``indices [..., k]``
+        int64, ordered by descending selection score, ties to the lower expert index. Differentiable
+        w.r.t. ``logits``.
+    """
+    return torch.ops.torchmoe.topk_gating(
+        logits, k, score_func, renormalize, expert_bias, num_expert_groups, topk_expert_groups, scale
+    )
+
+
+def route_plan(
+    indices: Tensor, num_experts: int, capacity: int = -1, priority: Optional[Tensor] = None
+) -> Tuple[Tensor, Tensor]:
+    """Give every (token, choice) a row in its expert's buffer.
+
+    Args:
+        indices: expert ids ``[T, k]`` or ``[G, T, k]`` (G independent token groups), integer, in ``[0, E)``.
+        num_experts: E.
+        capacity: rows per expert and group; ``-1`` for dropless routing.
+        priority: optional ``[T]`` or ``[T, k]`` (with the group dim if any); higher goes first within a
+            choice rank.
+
+    Queue order inside an expert: choice rank first (all first choices before any second choice),
+    then descending ``priority``, then token index.
+
+    Returns:
+        ``(dest, counts)``. With ``capacity >= 0``, ``dest = (e * G + g) * capacity + pos`` for kept slots
+        and ``-1`` for dropped ones (expert buffer ``[E, G * capacity, d]``). Dropless: ``dest`` indexes
+        rows ordered by expert, then group, then queue position. ``counts`` is int64 ``[E]`` (``[G, E]``
+        with groups): tokens routed to each expert before dropping.
+    """
+    return torch.ops.torchmoe.route_plan(indices, num_experts, capacity, priority)
+
+
+def dispatch(x: Tensor, dest: Tensor, num_rows: int) -> Tensor:
+    """Copy token rows into expert buffer rows: ``out[dest[n, j]] = x[n]``, unfilled rows zero.
+
+    ``x [N, d]``, ``dest [N, k]`` int64 (a plan's ``dest`` reshaped to ``[N, k]``; ``-1`` = dropped).
+    Returns ``[num_rows, d]``. Backward: ``dx[n] = sum_j dout[dest[n, j]]``.
+    """
+    return torch.ops.torchmoe.dispatch(x, dest, num_rows)
+
+
+def combine(expert_out: Tensor, dest: Tensor, weights: Tensor) -> Tensor:
+    """Weighted gather back to tokens: ``y[n] = sum_j weights[n, j] * expert_out[dest[n, j]]``.
+
+    Dropped slots (``dest < 0``) contribute nothing. Accumulates in float32; the result has
+    ``expert_out``'s dtype. ``weights`` may be float32 with bf16/fp16 ``expert_out``.
+    Differentiable w.r.t. ``expert_out`` and ``weights``.
+    """
+    return torch.ops.torchmoe.combine(expert_out, dest, weights)
+
+
+def grouped_mm(x: Tensor, weight: Tensor, counts: Tensor) -> Tensor:
+    """One matmul per expert over rows grouped by expert.
+
+    ``x [N, d_in]`` (rows of expert 0, then expert 1, ...), ``weight [E, d_in, d_out]``, ``counts [E]``
+    int64 summing to N. Returns ``[N, d_out]``. Differentiable w.r.t. ``x`` and ``weight``.
+    """
+    return torch.ops.torchmoe.grouped_mm(x, weight, counts)
+
+
+def capacity(
+    num_tokens: int, num_experts: int, k: int, capacity_factor: float, min_capacity: int = 0
+) -> int:
+    """Expert capacity: ``max(min_capacity, floor(k * capacity_factor * num_tokens / num_experts))``,
+    at most ``num_tokens`` (an expert never holds more than every token once)."""
+    if num_experts <= 0:
+        raise ValueError(f"capacity: num_experts must be positive, got {num_experts}")
+    if capacity_factor < 0:
+        raise ValueError(f"capacity: capacity_factor must be >= 0, got {capacity_factor}")
+    cap = int(math.floor(k * capacity_factor * num_tokens / num_experts))
+    cap = max(min_capacity, cap)
+    return min(cap, num_tokens)
