@@ -88,7 +88,7 @@ class TopkRouter(nn.Module):
 
     def _bias(self) -> Optional[Tensor]:
         if self.use_expert_bias:
-            return self.expert_bias
+            return self.expert_bias.float()  # stays float32 even after module.to(torch.bfloat16)
         return None
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
