@@ -185,6 +185,11 @@ def test_exact_ties_go_to_lower_index(dtype):
     logits = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0, 2.0]], dtype=dtype)
     _, indices = assert_matches_reference(logits, 5)
     assert indices.tolist() == [[1, 2, 4, 3, 5]]
+    # -0.0 equals +0.0; -inf ranks last.
+    logits = torch.tensor([[float("-inf"), -0.0, -1.0, 0.0, -0.0, -2.0]], dtype=dtype)
+    for k in [1, 2, 3, 4, 6]:
+        _, indices = assert_matches_reference(logits, k, "sigmoid", False)
+        assert indices.tolist() == [[1, 3, 4, 2, 5, 0][:k]]
     # Equal groups: groups 1 and 2 tie on their top-2 sum; the lower group wins.
     logits = torch.tensor([[0.0, 0.0, 1.0, 2.0, 2.0, 1.0]], dtype=dtype)
     _, indices = assert_matches_reference(logits, 2, "sigmoid", True, None, 3, 1)
@@ -328,6 +333,11 @@ def test_no_gradient_for_expert_bias():
     grad_logits, grad_bias = torch.autograd.grad((w * w).sum(), (logits, bias), allow_unused=True)
     assert grad_bias is None or torch.count_nonzero(grad_bias) == 0
     assert grad_logits.abs().sum() > 0
+    # Only the bias requires grad: the graph exists, the gradient is None.
+    w, _ = torchmoe.topk_gating(logits.detach(), 2, "sigmoid", True, bias)
+    assert w.requires_grad
+    (grad_bias,) = torch.autograd.grad(w.sum(), bias, allow_unused=True)
+    assert grad_bias is None
 
 
 def test_double_backward_is_refused():

@@ -30,10 +30,13 @@ class TopkGatingFunction : public torch::autograd::Function<TopkGatingFunction> 
 
   static variable_list backward(AutogradContext* ctx, const variable_list& grad_outputs) {
     const auto saved = ctx->get_saved_variables();
-    const std::string score_func = ctx->saved_data["score_func"].toStringRef();
-    at::Tensor grad_logits =
-        detail::_topk_gating_backward(grad_outputs[0], saved[0], saved[1], score_func,
-                                      ctx->saved_data["renormalize"].toBool(), ctx->saved_data["scale"].toDouble());
+    at::Tensor grad_logits;
+    if (ctx->needs_input_grad(0)) {  // false when only expert_bias requires grad
+      const std::string score_func = ctx->saved_data["score_func"].toStringRef();
+      grad_logits = detail::_topk_gating_backward(grad_outputs[0], saved[0], saved[1], score_func,
+                                                  ctx->saved_data["renormalize"].toBool(),
+                                                  ctx->saved_data["scale"].toDouble());
+    }
     // logits, k, score_func, renormalize, expert_bias, num_expert_groups, topk_expert_groups, scale
     return {grad_logits,   at::Tensor(), at::Tensor(), at::Tensor(),
             at::Tensor(),  at::Tensor(), at::Tensor(), at::Tensor()};

@@ -11,8 +11,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
 #include <limits>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 #include "ops/common/topk_gating_checks.h"
@@ -74,9 +78,62 @@ inline void topk_running(const src_t* x, int64_t n, int64_t k, acc_t* tv, int64_
   }
 }
 
+// A float as an int32 in the selection order: monotonic in the value, -0 equal to +0, every NaN above +inf.
+inline int32_t order_key(float f) {
+  int32_t b;
+  std::memcpy(&b, &f, sizeof(b));
+  const int32_t mag = b & 0x7FFFFFFF;
+  const int32_t key = mag == 0 ? 0 : (b ^ ((b >> 31) & 0x7FFFFFFF));
+  return mag > 0x7F800000 ? std::numeric_limits<int32_t>::max() : key;
+}
+
+// Top-K for a small fixed K without branches (integer compares and conditional moves): an element enters at
+// the first slot whose key it strictly exceeds, so an equal key seen later (higher index) stays behind.
+template <int K, typename src_t>
+inline void topk_fixed(const src_t* x, int64_t n, float* tv, int64_t* ti) {
+  int32_t key[K];
+  int64_t id[K];
+  for (int j = 0; j < K; ++j) {
+    key[j] = std::numeric_limits<int32_t>::min();  // below every order_key
+    id[j] = 0;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t kv = order_key(static_cast<float>(x[i]));
+    bool ahead[K];
+    for (int j = 0; j < K; ++j) ahead[j] = kv > key[j];
+    for (int j = K - 1; j > 0; --j) {
+      key[j] = ahead[j - 1] ? key[j - 1] : (ahead[j] ? kv : key[j]);
+      id[j] = ahead[j - 1] ? id[j - 1] : (ahead[j] ? i : id[j]);
+    }
+    key[0] = ahead[0] ? kv : key[0];
+    id[0] = ahead[0] ? i : id[0];
+  }
+  for (int j = 0; j < K; ++j) {
+    ti[j] = id[j];
+    tv[j] = static_cast<float>(x[id[j]]);
+  }
+}
+
+// Top-k of a row for the selection on logits. For 2 <= k <= 4 over few experts, elements enter the top k
+// often enough that mispredicted branches cost more than the branch-free insertion (measured; for k = 1 or
+// many experts the running top-k's single well-predicted compare per element wins).
+template <typename acc_t, typename src_t>
+inline void topk_row(const src_t* x, int64_t n, int64_t k, acc_t* tv, int64_t* ti) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (n > 256) return topk_running(x, n, k, tv, ti);
+    switch (k) {
+      case 2: return topk_fixed<2>(x, n, tv, ti);
+      case 3: return topk_fixed<3>(x, n, tv, ti);
+      case 4: return topk_fixed<4>(x, n, tv, ti);
+      default: break;
+    }
+  }
+  topk_running(x, n, k, tv, ti);
+}
+
 // Top-k of v[0..n) for any k: partial selection on an index array, then a sort of the k chosen.
 template <typename acc_t>
-inline void topk_select(const acc_t* v, int64_t n, int64_t k, int64_t* order, acc_t* tv, int64_t* ti) {
+inline void topk_select_indirect(const acc_t* v, int64_t n, int64_t k, int64_t* order, acc_t* tv, int64_t* ti) {
   std::iota(order, order + n, int64_t{0});
   const Ahead<acc_t> ahead{v};
   if (k < n) std::nth_element(order, order + (k - 1), order + n, ahead);
@@ -87,10 +144,38 @@ inline void topk_select(const acc_t* v, int64_t n, int64_t k, int64_t* order, ac
   }
 }
 
+// float: the same order as one unsigned key per element (value bits made monotonic, NaN highest, -0 == +0,
+// then the complemented index), so the selection compares plain integers instead of chasing indices.
+inline void topk_select_keys(const float* v, int64_t n, int64_t k, int64_t* order, float* tv, int64_t* ti) {
+  uint64_t* keys = reinterpret_cast<uint64_t*>(order);
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    const float f = v[i] == 0.0f ? 0.0f : v[i];
+    std::memcpy(&bits, &f, sizeof(bits));
+    bits = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+    bits = v[i] != v[i] ? 0xFFFFFFFFu : bits;
+    keys[i] = (uint64_t{bits} << 32) | (0xFFFFFFFFu - static_cast<uint32_t>(i));
+  }
+  if (k < n) std::nth_element(keys, keys + (k - 1), keys + n, std::greater<uint64_t>());
+  std::sort(keys, keys + k, std::greater<uint64_t>());
+  for (int64_t j = 0; j < k; ++j) {
+    ti[j] = static_cast<int64_t>(0xFFFFFFFFu - static_cast<uint32_t>(keys[j]));
+    tv[j] = v[ti[j]];
+  }
+}
+
+template <typename acc_t>
+inline void topk_select(const acc_t* v, int64_t n, int64_t k, int64_t* order, acc_t* tv, int64_t* ti) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (n <= int64_t{0xFFFFFFFF}) return topk_select_keys(v, n, k, order, tv, ti);
+  }
+  topk_select_indirect(v, n, k, order, tv, ti);
+}
+
 template <typename acc_t>
 inline void topk_of(const acc_t* v, int64_t n, int64_t k, int64_t* order, acc_t* tv, int64_t* ti) {
   if (k <= kSmallK) {
-    topk_running(v, n, k, tv, ti);
+    topk_row(v, n, k, tv, ti);
   } else {
     topk_select(v, n, k, order, tv, ti);
   }
@@ -153,7 +238,7 @@ void topk_gating_rows(const scalar_t* logits, scalar_t* weights, int64_t* indice
       if (select_on_logits) {
         // Softmax and sigmoid are increasing: select on the logits, in one read of the row.
         if (k <= kSmallK) {
-          topk_running(x, E, k, tv.data(), ti.data());
+          topk_row(x, E, k, tv.data(), ti.data());
         } else {
           for (int64_t i = 0; i < E; ++i) sel[i] = static_cast<acc_t>(x[i]);
           topk_select(sel.data(), E, k, order.data(), tv.data(), ti.data());
