@@ -7,7 +7,9 @@ same layer run through torchmoe.reference, forward and forward+backward, in capa
 The per-expert loop is the common eager implementation (as in HF Mixtral): for each expert, find its
 (token, choice) pairs with torch.where, gather the tokens, run the expert, scale by the routing weight and
 index_add_ the result back. In capacity mode it first drops over-capacity slots with the seed's one-hot
-cumsum queue. All three variants share the same weights and routing; outputs are checked to agree.
+cumsum queue. "loop" indexes the layer's stacked weights (moe.up_proj[e], ...); "list" runs the same loop
+on separate per-expert weight tensors (the nn.ModuleList layout, which avoids the stacked weights'
+per-expert gradient scatter). All three variants share the same weights and routing; outputs are checked to agree.
 Medians of `--reps` timed runs; "x" columns are speedups of the fused layer (> 1 means faster).
 """
 import argparse
@@ -21,7 +23,18 @@ import torchmoe
 from torchmoe.nn import MoE
 
 
-def per_expert_loop(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+def expert_list(moe: MoE):
+    """Separate leaf copies of every expert's weights (the nn.ModuleList-of-experts layout)."""
+    def leaf(w):
+        return None if w is None else [w[e].detach().clone().requires_grad_(True) for e in range(moe.num_experts)]
+    return leaf(moe.gate_proj), leaf(moe.up_proj), leaf(moe.down_proj)
+
+
+def per_expert_loop(moe: MoE, x: torch.Tensor, experts=None) -> torch.Tensor:
+    """experts: None to index the layer's stacked weights (moe.up_proj[e], ...), or expert_list(moe)."""
+    if experts is None:
+        experts = (moe.gate_proj, moe.up_proj, moe.down_proj)
+    gate_w, up_w, down_w = experts
     h = x.reshape(-1, moe.d_model)
     T = h.shape[0]
     E, k = moe.num_experts, moe.k
@@ -42,26 +55,30 @@ def per_expert_loop(moe: MoE, x: torch.Tensor) -> torch.Tensor:
         if tok.numel() == 0:
             continue
         xe = h[tok]
-        if moe.gate_proj is not None:
-            hid = F.silu(xe @ moe.gate_proj[e]) * (xe @ moe.up_proj[e])
+        if gate_w is not None:
+            hid = F.silu(xe @ gate_w[e]) * (xe @ up_w[e])
         elif moe.activation == "relu":
-            hid = F.relu(xe @ moe.up_proj[e])
+            hid = F.relu(xe @ up_w[e])
         else:
-            hid = F.gelu(xe @ moe.up_proj[e])
-        out = (hid @ moe.down_proj[e]) * weights[tok, choice, None].to(h.dtype)
+            hid = F.gelu(xe @ up_w[e])
+        out = (hid @ down_w[e]) * weights[tok, choice, None].to(h.dtype)
         y.index_add_(0, tok, out)
     return y.view(x.shape)
 
 
-def median_time(fn, reps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    samples = []
+def median_times(fns, reps: int, warmup: int = 1):
+    """Median seconds of each callable; the variants run in turn within every repeat, so load from other
+    processes on a shared machine hits them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples = {name: [] for name in fns}
     for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(v) for name, v in samples.items()}
 
 
 def main() -> None:
@@ -86,7 +103,8 @@ def main() -> None:
         f"d_ff={args.d_ff}, E={args.experts}, k={args.k}, activation={args.activation}, {args.dtype}; "
         f"median of {args.reps}"
     )
-    header = f"{'mode':<22}{'pass':<10}{'fused ms':>10}{'loop ms':>10}{'ref ms':>10}{'x loop':>9}{'x ref':>8}"
+    header = (f"{'mode':<22}{'pass':<9}{'fused ms':>10}{'loop ms':>10}{'list ms':>10}{'ref ms':>10}"
+              f"{'x loop':>9}{'x list':>9}{'x ref':>8}")
     print(header)
     print("-" * len(header))
     torch.manual_seed(0)
@@ -98,17 +116,23 @@ def main() -> None:
         ref = MoE(args.d_model, args.d_ff, args.experts, k=args.k, capacity_factor=cf, activation=args.activation,
                   impl="reference").to(dtype)
         ref.load_state_dict(fused.state_dict())
-        variants = {"fused": fused, "loop": lambda t: per_expert_loop(fused, t), "ref": ref}
+        experts = expert_list(fused)
+        variants = {
+            "fused": fused,
+            "loop": lambda t: per_expert_loop(fused, t),
+            "loop-list": lambda t: per_expert_loop(fused, t, experts),
+            "ref": ref,
+        }
 
         with torch.no_grad():
             outs = {name: fn(x) for name, fn in variants.items()}
         tol = 1e-3 if dtype == torch.float32 else 5e-2
-        for name in ("loop", "ref"):
+        for name in ("loop", "loop-list", "ref"):
             torch.testing.assert_close(outs[name], outs["fused"], rtol=tol, atol=tol, msg=f"{name} disagrees")
 
         mode = f"capacity cf={cf}" if cf is not None else "dropless"
         for pass_name in ("fwd", "fwd+bwd"):
-            times = {}
+            runs = {}
             for name, fn in variants.items():
                 if pass_name == "fwd":
                     def run(fn=fn):
@@ -119,12 +143,14 @@ def main() -> None:
 
                     def run(fn=fn, xg=xg):
                         fn(xg).backward(grad_y)
-                times[name] = median_time(run, args.reps)
+                runs[name] = run
+            times = median_times(runs, args.reps)
             fused.zero_grad(set_to_none=True)
             ref.zero_grad(set_to_none=True)
             print(
-                f"{mode:<22}{pass_name:<10}{times['fused'] * 1e3:>10.1f}{times['loop'] * 1e3:>10.1f}"
-                f"{times['ref'] * 1e3:>10.1f}{times['loop'] / times['fused']:>8.2f}x"
+                f"{mode:<22}{pass_name:<9}{times['fused'] * 1e3:>10.1f}{times['loop'] * 1e3:>10.1f}"
+                f"{times['loop-list'] * 1e3:>10.1f}{times['ref'] * 1e3:>10.1f}"
+                f"{times['loop'] / times['fused']:>8.2f}x{times['loop-list'] / times['fused']:>8.2f}x"
                 f"{times['ref'] / times['fused']:>7.2f}x"
             )
         if cf is not None:
