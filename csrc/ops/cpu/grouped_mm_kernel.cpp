@@ -6,6 +6,8 @@
 #include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
 #include <vector>
 
 #include "ops/common/grouped_mm_checks.h"
@@ -52,14 +54,21 @@ std::vector<Task> row_tasks(const std::vector<int64_t>& offsets, int64_t block) 
   return tasks;
 }
 
-// Runs fn(task) for every task on the ATen thread pool. The workers get the caller's thread-local
-// state (dispatch key exclusions, grad mode, ...), so the at::mm_out calls inside behave as on the caller.
+// Runs fn(task) for every task on the ATen thread pool. Threads take tasks from a shared counter, so
+// uneven tasks (experts of different sizes, grad_x next to grad_weight blocks) still balance; which thread
+// runs a task never changes its result. The workers get the caller's thread-local state (dispatch key
+// exclusions, grad mode, ...), so the at::mm_out calls inside behave as on the caller.
 template <typename Fn>
 void run_tasks(const std::vector<Task>& tasks, const Fn& fn) {
+  const int64_t num_tasks = static_cast<int64_t>(tasks.size());
+  const int64_t workers = std::min<int64_t>(num_tasks, at::get_num_threads());
   const at::ThreadLocalState state;
-  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
     at::ThreadLocalStateGuard guard(state);
-    for (int64_t t = begin; t < end; ++t) fn(tasks[t]);
+    for (int64_t w = begin; w < end; ++w) {
+      for (int64_t t = next.fetch_add(1); t < num_tasks; t = next.fetch_add(1)) fn(tasks[t]);
+    }
   });
 }
 
@@ -105,6 +114,11 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cpu(const at::Tensor& gra
     for (int64_t i = 0; i < d_in; i += kColBlock) tasks.push_back({true, e, i, std::min(kColBlock, d_in - i)});
   }
   if (tasks.empty()) return {grad_x, grad_weight};
+  // Largest first (costs in units of d_out multiply-adds), so the tail is short.
+  auto cost = [&](const Task& t) {
+    return t.grad_weight ? t.length * (offsets[t.expert + 1] - offsets[t.expert]) : t.length * d_in;
+  };
+  std::stable_sort(tasks.begin(), tasks.end(), [&](const Task& a, const Task& b) { return cost(a) > cost(b); });
 
   run_tasks(tasks, [&](const Task& t) {
     if (!t.grad_weight) {
