@@ -2,18 +2,19 @@
 # Builds torchmoe with its CUDA kernels on a GPU machine, runs the CUDA tests and the op benchmark in one
 # go, and writes every log under $OUT (default /tmp/torchmoe-gpu).
 #
-#   tools/gpu/run_gpu.sh [build] [test] [bench] [suite]     # default: build test bench
+#   tools/gpu/run_gpu.sh [build] [test] [mybench] [bench] [suite]     # default: build test mybench
 #   PYTEST_ARGS="-k topk" tools/gpu/run_gpu.sh build test
 #
 # build: python3 setup.py build_ext --inplace for sm_90 (TORCH_CUDA_ARCH_LIST overrides)
-# test:  tests/python/test_cuda.py;  suite: the whole pytest suite;  bench: benchmarks/bench_ops.py --device cuda
+# test:  tests/python/test_cuda.py;  suite: the whole pytest suite;
+# mybench: tools/gpu/bench_cuda.py (forward and backward ops timed directly);  bench: benchmarks/bench_ops.py --device cuda
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/torchmoe-gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=python
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(build test bench)
+[ ${#steps[@]} -eq 0 ] && steps=(build test mybench)
 status=0
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader | tee "$OUT/device.txt"
@@ -40,6 +41,10 @@ for step in "${steps[@]}"; do
       python3 -m pytest -q tests/python ${PYTEST_ARGS:-} >"$OUT/test_suite.log" 2>&1; status=$(( status | $? ))
       grep -E "^(FAILED|ERROR)" "$OUT/test_suite.log" | head -30
       tail -1 "$OUT/test_suite.log"
+      ;;
+    mybench)
+      python3 tools/gpu/bench_cuda.py --json "$OUT/bench_cuda.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_cuda.log"
+      status=$(( status | ${PIPESTATUS[0]} ))
       ;;
     bench)
       python3 benchmarks/bench_ops.py --device cuda ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
