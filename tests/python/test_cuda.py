@@ -272,6 +272,8 @@ def test_dispatch_combine_backward_match_reference(N, d, k, E, capacity, dtype):
         # A dot product over d: float32 rounding grows like sqrt(d).
         t = {torch.bfloat16: dict(rtol=2e-2, atol=1e-2), torch.float32: dict(rtol=1e-4, atol=4e-6 * math.sqrt(d)),
              torch.float64: dict(rtol=1e-10, atol=1e-12)}[dtype]
+        if wdtype == torch.float32 and dtype == torch.float64:  # computed in float64, returned in float32
+            t = dict(rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(gw.cpu().double(), wl.grad, **t)
 
 

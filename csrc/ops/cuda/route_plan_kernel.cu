@@ -13,8 +13,6 @@
 // kernels do), since checking them on the host would need a synchronisation.
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
-#include <ATen/TensorOperators.h>
-#include <ATen/ops/cumsum.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/sort.h>
 #include <ATen/ops/zeros.h>
@@ -118,6 +116,37 @@ __global__ void __launch_bounds__(256)
       run += v;
     }
     if (slice == 7) counts[g * s.E + e] = run;
+  }
+}
+
+// Dropless rows are expert-major, then group:
+// row_offset[g, e] = sum_{e' < e} sum_g' counts[g', e'] + sum_{g' < g} counts[g', e].
+// One block: each thread sums a contiguous range of experts, then a block-wide exclusive scan.
+constexpr int kScanThreads = 1024;
+__global__ void __launch_bounds__(kScanThreads)
+    plan_row_offset_kernel(const int64_t* counts, int64_t G, int64_t E, int64_t* row_offset) {
+  __shared__ int64_t part[kScanThreads];
+  const int tid = threadIdx.x;
+  const int64_t per = (E + kScanThreads - 1) / kScanThreads;
+  const int64_t e0 = min(E, tid * per), e1 = min(E, e0 + per);
+  int64_t sum = 0;
+  for (int64_t e = e0; e < e1; ++e) {
+    for (int64_t g = 0; g < G; ++g) sum += counts[g * E + e];
+  }
+  part[tid] = sum;
+  __syncthreads();
+  for (int off = 1; off < kScanThreads; off <<= 1) {  // inclusive scan (Hillis-Steele)
+    const int64_t v = tid >= off ? part[tid - off] : 0;
+    __syncthreads();
+    part[tid] += v;
+    __syncthreads();
+  }
+  int64_t run = part[tid] - sum;  // exclusive
+  for (int64_t e = e0; e < e1; ++e) {
+    for (int64_t g = 0; g < G; ++g) {
+      row_offset[g * E + e] = run;
+      run += counts[g * E + e];
+    }
   }
 }
 
@@ -251,10 +280,10 @@ std::tuple<at::Tensor, at::Tensor> route_plan_cuda(const at::Tensor& indices_in,
 
   at::Tensor row_offset;
   if (capacity < 0) {
-    // Dropless rows: expert-major, then group: row_offset[g, e] = sum_{e' < e} total[e'] + sum_{g' < g} counts[g', e].
-    const at::Tensor total = counts.sum(0);
-    const at::Tensor expert_start = at::cumsum(total, 0) - total;
-    row_offset = (expert_start.unsqueeze(0) + (at::cumsum(counts, 0) - counts)).contiguous();
+    row_offset = at::empty({s.G, s.E}, opts.dtype(at::kLong));
+    plan_row_offset_kernel<<<1, kScanThreads, 0, stream>>>(counts.const_data_ptr<int64_t>(), s.G, s.E,
+                                                           row_offset.mutable_data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "route_plan_cuda", [&] {
     plan_place_kernel<index_t>
