@@ -21,6 +21,7 @@
 #include <limits>
 
 #include "ops/common/checks.h"
+#include "ops/common/route_plan_checks.h"
 #include "ops/cuda/cuda_common.cuh"
 
 namespace torchmoe::cuda {
@@ -198,30 +199,11 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
   }
 }
 
-void check_route_plan_args(const at::Tensor& indices, int64_t num_experts, int64_t capacity,
-                           const std::optional<at::Tensor>& priority) {
-  constexpr const char* op = "route_plan";
-  TORCHMOE_CHECK_ARG(indices.dim() == 2 || indices.dim() == 3, op, "indices",
-                     "must be a 2-D [T, k] or 3-D [G, T, k] tensor, got ", indices.dim(), "-D");
-  checks::check_index_dtype(indices, op, "indices");
-  TORCHMOE_CHECK_ARG(num_experts >= 1, op, "num_experts", "must be >= 1, got ", num_experts);
-  TORCHMOE_CHECK_ARG(num_experts <= std::numeric_limits<int>::max(), op, "num_experts",
-                     "must fit in int32, got ", num_experts);
-  TORCHMOE_CHECK_ARG(capacity >= -1, op, "capacity", "must be >= -1 (-1: dropless), got ", capacity);
-  if (priority.has_value()) {
-    const auto& p = *priority;
-    const int64_t lead = indices.dim() - 2;  // 1 with a group dim
-    const bool per_token = p.dim() == lead + 1 && p.sizes() == indices.sizes().slice(0, lead + 1);
-    const bool per_choice = p.sizes() == indices.sizes();
-    TORCHMOE_CHECK_ARG(per_token || per_choice, op, "priority", "must have shape ",
-                       indices.sizes().slice(0, lead + 1), " or ", indices.sizes(), ", got ", p.sizes());
-    checks::check_same_device(indices, p, op, "indices", "priority");
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor> route_plan_cuda(const at::Tensor& indices_in, int64_t num_experts,
                                                    int64_t capacity, const std::optional<at::Tensor>& priority) {
-  check_route_plan_args(indices_in, num_experts, capacity, priority);
+  checks::check_route_plan_args(indices_in, num_experts, capacity, priority);
+  TORCHMOE_CHECK_ARG(num_experts <= std::numeric_limits<int>::max(), "route_plan", "num_experts",
+                     "must fit in int32 for the CUDA kernel, got ", num_experts);
   TORCHMOE_CUDA_SETUP(indices_in);
   const bool grouped = indices_in.dim() == 3;
   const at::Tensor indices = grouped ? indices_in.contiguous() : indices_in.unsqueeze(0).contiguous();
@@ -230,6 +212,7 @@ std::tuple<at::Tensor, at::Tensor> route_plan_cuda(const at::Tensor& indices_in,
   s.T = indices.size(1);
   s.k = indices.size(2);
   s.E = num_experts;
+  if (capacity >= 0) checks::check_route_plan_capacity_fits(s.E, s.G, capacity);
   at::Tensor dest = at::empty(indices.sizes(), indices.options().dtype(at::kLong));
   at::Tensor counts;
   auto finish = [&]() -> std::tuple<at::Tensor, at::Tensor> {

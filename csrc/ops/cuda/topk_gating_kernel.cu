@@ -15,6 +15,7 @@
 #include <limits>
 
 #include "ops/common/checks.h"
+#include "ops/common/topk_gating_checks.h"
 #include "ops/cuda/cuda_common.cuh"
 #include "ops/cuda/topk_keys.cuh"
 
@@ -595,29 +596,11 @@ Scratch make_scratch(int64_t per_row, const LaunchShape& s, int64_t grid, const 
 
 int64_t round16(int64_t b) { return (b + 15) / 16 * 16; }
 
-void check_topk_args(const at::Tensor& logits, int64_t k, c10::string_view score_func,
-                     const std::optional<at::Tensor>& expert_bias, int64_t G, int64_t topg) {
-  constexpr const char* op = "topk_gating";
-  TORCHMOE_CHECK_ARG(logits.dim() >= 1, op, "logits", "must have at least 1 dimension, got ", logits.dim());
-  checks::check_floating(logits, op, "logits");
-  const int64_t E = logits.size(-1);
-  TORCHMOE_CHECK_ARG(E >= 1, op, "logits", "must have at least one expert (last dimension), got ", E);
-  TORCHMOE_CHECK_ARG(k >= 1 && k <= E, op, "k", "must satisfy 0 < k <= E (", E, "), got ", k);
-  TORCHMOE_CHECK_ARG(score_func == "softmax" || score_func == "sigmoid", op, "score_func",
-                     "must be 'softmax' or 'sigmoid', got '", std::string(score_func), "'");
-  TORCHMOE_CHECK_ARG(G >= 1 && E % G == 0, op, "num_expert_groups", "must be >= 1 and divide E (", E, "), got ",
-                     G);
-  TORCHMOE_CHECK_ARG(topg >= 1 && topg <= G, op, "topk_expert_groups",
-                     "must satisfy 1 <= topk_expert_groups <= num_expert_groups (", G, "), got ", topg);
-  if (expert_bias.has_value()) {
-    const auto& b = *expert_bias;
-    TORCHMOE_CHECK_ARG(b.dim() == 1 && b.size(0) == E, op, "expert_bias", "must have shape [", E, "], got ",
-                       b.sizes());
-    checks::check_dtype(b, at::kFloat, op, "expert_bias");
-    checks::check_same_device(logits, b, op, "logits", "expert_bias");
-  }
-  TORCHMOE_CHECK_ARG(E <= kBlockModeMaxExperts, op, "logits",
-                     "has more experts than the CUDA kernel supports (", kBlockModeMaxExperts, "), got ", E);
+// The CUDA kernels keep a row in registers: at most 1024 threads x 32 values.
+void check_cuda_expert_limit(const at::Tensor& logits, const char* op) {
+  TORCHMOE_CHECK_ARG(logits.size(-1) <= kBlockModeMaxExperts, op, "logits",
+                     "has more experts than the CUDA kernel supports (", kBlockModeMaxExperts, "), got ",
+                     logits.size(-1));
 }
 
 std::tuple<at::Tensor, at::Tensor> topk_gating_cuda(const at::Tensor& logits_in, int64_t k,
@@ -625,7 +608,8 @@ std::tuple<at::Tensor, at::Tensor> topk_gating_cuda(const at::Tensor& logits_in,
                                                     const std::optional<at::Tensor>& expert_bias,
                                                     int64_t num_expert_groups, int64_t topk_expert_groups,
                                                     double scale) {
-  check_topk_args(logits_in, k, score_func, expert_bias, num_expert_groups, topk_expert_groups);
+  checks::check_topk_gating_args(logits_in, k, score_func, expert_bias, num_expert_groups, topk_expert_groups);
+  check_cuda_expert_limit(logits_in, "topk_gating");
   TORCHMOE_CUDA_SETUP(logits_in);
   const at::Tensor logits = logits_in.contiguous();
   const int64_t E = logits.size(-1);
@@ -682,22 +666,9 @@ std::tuple<at::Tensor, at::Tensor> topk_gating_cuda(const at::Tensor& logits_in,
 at::Tensor topk_gating_backward_cuda(const at::Tensor& grad_weights_in, const at::Tensor& logits_in,
                                      const at::Tensor& indices_in, c10::string_view score_func,
                                      bool renormalize, double scale) {
-  constexpr const char* op = "_topk_gating_backward";
-  checks::check_floating(logits_in, op, "logits");
-  TORCHMOE_CHECK_ARG(logits_in.dim() >= 1 && logits_in.size(-1) >= 1, op, "logits",
-                     "must have at least 1 dimension and one expert, got shape ", logits_in.sizes());
-  TORCHMOE_CHECK_ARG(score_func == "softmax" || score_func == "sigmoid", op, "score_func",
-                     "must be 'softmax' or 'sigmoid', got '", std::string(score_func), "'");
-  checks::check_dtype(indices_in, at::kLong, op, "indices");
-  TORCHMOE_CHECK_ARG(indices_in.dim() == logits_in.dim(), op, "indices", "must have the rank of logits (",
-                     logits_in.dim(), "), got ", indices_in.dim());
-  TORCHMOE_CHECK_ARG(grad_weights_in.sizes() == indices_in.sizes(), op, "grad_weights",
-                     "must have the shape of indices ", indices_in.sizes(), ", got ", grad_weights_in.sizes());
-  checks::check_same_device(logits_in, indices_in, op, "logits", "indices");
-  checks::check_same_device(logits_in, grad_weights_in, op, "logits", "grad_weights");
+  checks::check_topk_gating_backward_args(grad_weights_in, logits_in, indices_in, score_func);
+  check_cuda_expert_limit(logits_in, "_topk_gating_backward");
   const int64_t E = logits_in.size(-1);
-  TORCHMOE_CHECK_ARG(E <= kBlockModeMaxExperts, op, "logits",
-                     "has more experts than the CUDA kernel supports (", kBlockModeMaxExperts, "), got ", E);
   TORCHMOE_CUDA_SETUP(logits_in);
   const at::Tensor logits = logits_in.contiguous();
   const at::Tensor indices = indices_in.contiguous();
@@ -706,8 +677,7 @@ at::Tensor topk_gating_backward_cuda(const at::Tensor& grad_weights_in, const at
   const int64_t k = indices.size(-1);
   const int64_t rows = logits.numel() / E;
   if (rows == 0) return grad_logits;
-  TORCHMOE_CHECK_ARG(k >= 1 && indices.numel() / k == rows, op, "indices",
-                     "must hold k >= 1 choices for each row of logits, got shape ", indices.sizes());
+  if (k == 0) return grad_logits.zero_();
 
   const LaunchShape shape = launch_shape(E);
   const int64_t grid = capped_grid(ceil_div(rows, shape.slots), shape.block ? 8 : 16);
