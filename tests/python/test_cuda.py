@@ -300,11 +300,16 @@ def test_dispatch_repeated_rows_deterministic():
     assert torch.all(out[[1, 2, 4]] == 0)
 
 
-def test_dispatch_any_dtype_and_noncontiguous():
+def test_dispatch_combine_noncontiguous():
     dest, rows = _plan(50, 8, 2, -1)
-    x = torch.randint(-100, 100, (24, 50), dtype=torch.int32).t()  # non-contiguous, int rows
+    x = torch.randn(24, 50, dtype=torch.float16).t()  # non-contiguous rows of 24 halves (scalar path)
     out = torchmoe.dispatch(x.to(DEV), dest, rows)
     assert torch.equal(out.cpu(), reference.dispatch(x, dest.cpu(), rows))
+    eo = torch.randn(48, rows, dtype=torch.float16).t()
+    w = torch.rand(2, 50).t()
+    y = torchmoe.combine(eo.to(DEV), dest, w.to(DEV))
+    torch.testing.assert_close(y.cpu(), reference.combine(eo.double(), dest.cpu(), w.double()).half(),
+                               **tol(torch.float16))
 
 
 # ------------------------------------------------------------------------------------------------ grouped_mm
