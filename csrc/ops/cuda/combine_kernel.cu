@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include "ops/common/checks.h"
+#include "ops/common/dispatch_checks.h"
 #include "ops/cuda/row_kernels.cuh"
 
 namespace torchmoe::cuda {
@@ -112,19 +113,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-void check_combine_args(const char* op, const at::Tensor& expert_out, const at::Tensor& dest,
-                        const at::Tensor& weights) {
-  checks::check_dim(expert_out, 2, op, "expert_out");
-  checks::check_floating(expert_out, op, "expert_out");
-  checks::check_dim(dest, 2, op, "dest");
-  checks::check_index_dtype(dest, op, "dest");
-  checks::check_floating(weights, op, "weights");
-  TORCHMOE_CHECK_ARG(weights.sizes() == dest.sizes(), op, "weights", "must have the shape of dest ", dest.sizes(),
-                     ", got ", weights.sizes());
-  checks::check_same_device(expert_out, dest, op, "expert_out", "dest");
-  checks::check_same_device(expert_out, weights, op, "expert_out", "weights");
-}
-
 // Weights in the kernel: expert_out's dtype when they match, else converted to the accumulation type.
 at::Tensor kernel_weights(const at::Tensor& weights, at::ScalarType t) {
   if (weights.scalar_type() == t) return weights.contiguous();
@@ -142,7 +130,7 @@ void with_weight_type(const at::Tensor& w, F&& f) {
 }
 
 at::Tensor combine_cuda(const at::Tensor& expert_out_in, const at::Tensor& dest_in, const at::Tensor& weights_in) {
-  check_combine_args("combine", expert_out_in, dest_in, weights_in);
+  checks::check_combine(expert_out_in, dest_in, weights_in);
   TORCHMOE_CUDA_SETUP(expert_out_in);
   const at::Tensor eo = expert_out_in.contiguous();
   const at::Tensor dest = dest_in.to(at::kLong).contiguous();
@@ -171,13 +159,7 @@ at::Tensor combine_cuda(const at::Tensor& expert_out_in, const at::Tensor& dest_
 std::tuple<at::Tensor, at::Tensor> combine_backward_cuda(const at::Tensor& grad_output_in,
                                                          const at::Tensor& expert_out_in, const at::Tensor& dest_in,
                                                          const at::Tensor& weights_in) {
-  constexpr const char* op = "_combine_backward";
-  check_combine_args(op, expert_out_in, dest_in, weights_in);
-  checks::check_dim(grad_output_in, 2, op, "grad_output");
-  TORCHMOE_CHECK_ARG(grad_output_in.size(0) == dest_in.size(0) && grad_output_in.size(1) == expert_out_in.size(1),
-                     op, "grad_output", "must have shape [", dest_in.size(0), ", ", expert_out_in.size(1), "], got ",
-                     grad_output_in.sizes());
-  checks::check_same_device(expert_out_in, grad_output_in, op, "expert_out", "grad_output");
+  checks::check_combine_backward(grad_output_in, expert_out_in, dest_in, weights_in);
   TORCHMOE_CUDA_SETUP(expert_out_in);
   const at::Tensor eo = expert_out_in.contiguous();
   const at::Tensor gy = grad_output_in.to(eo.scalar_type()).contiguous();

@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include "ops/common/checks.h"
+#include "ops/common/dispatch_checks.h"
 #include "ops/cuda/row_kernels.cuh"
 
 namespace torchmoe::cuda {
@@ -77,19 +78,8 @@ void with_vec_bytes(int vb, F&& f) {
   }
 }
 
-void check_dest(const at::Tensor& dest, int64_t N, const char* op) {
-  checks::check_dim(dest, 2, op, "dest");
-  checks::check_index_dtype(dest, op, "dest");
-  TORCHMOE_CHECK_ARG(dest.size(0) == N, op, "dest", "must have one row per token (", N, "), got shape ",
-                     dest.sizes());
-}
-
 at::Tensor dispatch_cuda(const at::Tensor& x_in, const at::Tensor& dest_in, int64_t num_rows) {
-  constexpr const char* op = "dispatch";
-  checks::check_dim(x_in, 2, op, "x");
-  check_dest(dest_in, x_in.size(0), op);
-  TORCHMOE_CHECK_ARG(num_rows >= 0, op, "num_rows", "must be >= 0, got ", num_rows);
-  checks::check_same_device(x_in, dest_in, op, "x", "dest");
+  checks::check_dispatch(x_in, dest_in, num_rows);
   TORCHMOE_CUDA_SETUP(x_in);
   const at::Tensor x = x_in.contiguous();
   const at::Tensor dest = dest_in.to(at::kLong).contiguous();
@@ -125,11 +115,7 @@ at::Tensor dispatch_cuda(const at::Tensor& x_in, const at::Tensor& dest_in, int6
 }
 
 at::Tensor dispatch_backward_cuda(const at::Tensor& grad_out_in, const at::Tensor& dest_in) {
-  constexpr const char* op = "_dispatch_backward";
-  checks::check_dim(grad_out_in, 2, op, "grad_out");
-  checks::check_floating(grad_out_in, op, "grad_out");
-  check_dest(dest_in, dest_in.dim() == 2 ? dest_in.size(0) : 0, op);
-  checks::check_same_device(grad_out_in, dest_in, op, "grad_out", "dest");
+  checks::check_dispatch_backward(grad_out_in, dest_in);
   TORCHMOE_CUDA_SETUP(grad_out_in);
   const at::Tensor gout = grad_out_in.contiguous();
   const at::Tensor dest = dest_in.to(at::kLong).contiguous();
