@@ -57,7 +57,7 @@ def reference_moe(moe, x, renormalize=True):
     h = x.reshape(-1, moe.d_model)
     T = h.shape[0]
     logits = h.float() @ moe.router.weight.float().t()
-    weights, idx = seed_router(logits, moe.k, moe.router.score_func, renormalize)
+    weights, idx = seed_router(logits, moe.k, getattr(moe.router, "score_func", "softmax"), renormalize)
     cap = None
     if moe.capacity_factor is not None:
         cap = max(moe.min_capacity, math.floor(moe.k * moe.capacity_factor * T / moe.num_experts))
@@ -309,8 +309,10 @@ def test_moe_dropped_tokens_contribute_zero():
     x = torch.randn(10, 8, requires_grad=True)
     y0 = moe0(x)
     assert torch.all(y0 == 0) and moe0.dropped_tokens.item() == 20
-    (y0.sum() + moe0.aux_loss).backward()
-    assert torch.all(x.grad == 0)
+    y0.sum().backward(retain_graph=True)
+    assert torch.all(x.grad == 0)  # no kept slot, no gradient from the output
+    moe0.aux_loss.backward()  # the router still learns from the aux losses
+    assert moe0.router.weight.grad.abs().sum() > 0
 
 
 def test_moe_aux_loss_value():
@@ -380,14 +382,16 @@ def test_moe_input_shapes_and_empty_batch():
 
 def test_moe_bfloat16():
     torch.manual_seed(0)
-    moe = MoE(16, 32, 4, k=2, capacity_factor=None)
-    x = torch.randn(30, 16)
-    y32 = moe(x)
     moe_bf = MoE(16, 32, 4, k=2, capacity_factor=None).to(torch.bfloat16)
-    moe_bf.load_state_dict(moe.state_dict())
-    y = moe_bf(x.bfloat16())
+    x = torch.randn(30, 16).bfloat16()
+    y = moe_bf(x)
     assert y.dtype == torch.bfloat16 and moe_bf.router.weight.dtype == torch.bfloat16
-    torch.testing.assert_close(y.float(), y32, rtol=5e-2, atol=5e-2)
+    # the same (bf16-representable) weights and inputs in float32: same routing, bf16-close outputs
+    moe = MoE(16, 32, 4, k=2, capacity_factor=None)
+    moe.load_state_dict({n: t.float() for n, t in moe_bf.state_dict().items()})
+    y32 = moe(x.float())
+    assert torch.equal(moe.expert_counts, moe_bf.expert_counts)
+    torch.testing.assert_close(y.float(), y32, rtol=2e-2, atol=2e-2)
 
 
 def test_moe_bad_arguments():
