@@ -525,3 +525,37 @@ def test_compile_inductor_dropless():
     x = torch.randn(24, 16)
     expected = moe(x)
     torch.testing.assert_close(torch.compile(moe, fullgraph=True)(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_scripted_moe_runs_in_fresh_process(tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+
+    torch.manual_seed(0)
+    moe = MoE(16, 32, 4, k=2, capacity_factor=None)
+    x = torch.randn(12, 16)
+    y, dx, grads = params_and_grads(moe, x, moe)
+    torch.jit.script(moe).save(str(tmp_path / "moe.pt"))
+    torch.save({"x": x, "y": y, "dx": dx, "grads": grads, "aux": moe.aux_loss.detach()}, tmp_path / "expected.pt")
+    # only torchmoe is imported (for the ops): torchmoe.nn is not needed to run the saved module
+    script = textwrap.dedent(
+        f"""
+        import sys, torch, torchmoe
+        m = torch.jit.load({str(tmp_path / "moe.pt")!r})
+        e = torch.load({str(tmp_path / "expected.pt")!r})
+        x = e["x"].clone().requires_grad_(True)
+        y = m(x)
+        (((y * torch.linspace(-1, 1, y.numel()).view(y.shape)).sum()) + m.aux_loss).backward()
+        torch.testing.assert_close(y, e["y"])
+        torch.testing.assert_close(x.grad, e["dx"])
+        torch.testing.assert_close(m.aux_loss.detach(), e["aux"])
+        for n, p in m.named_parameters():
+            torch.testing.assert_close(p.grad, e["grads"][n])
+        assert "torchmoe.nn" not in sys.modules
+        print("fresh-process-ok")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "fresh-process-ok" in result.stdout
