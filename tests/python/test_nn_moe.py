@@ -11,6 +11,16 @@ import torchmoe
 from torchmoe import losses
 from torchmoe.nn import MoE, NoisyTopkRouter, SwitchMoE, TopkRouter
 
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    # Every test compiles MoE.forward for new module instances: start each from an empty code cache so the
+    # recompile limit counts one test's compilations only.
+    torch._dynamo.reset()
+    yield
+
+
 # ------------------------------------------------------------------------------------------ references
 
 
