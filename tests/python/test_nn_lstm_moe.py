@@ -125,12 +125,12 @@ def test_unrolled_recurrence_matches_nn_lstm():
 
 def test_importance_loss():
     torch.manual_seed(3)
-    m = LSTMGatedMoE(6, 8, 4, importance_loss_coef=0.1, dtype=torch.float64)
+    m = LSTMGatedMoE(6, 8, 4, importance_loss_weight=0.1, dtype=torch.float64)
     x = torch.randn(3, 5, 6, dtype=torch.float64)
     m(x)
     _, gates = run_seed(seed_from(m), x)
     importance = gates.reshape(-1, 4).sum(0)
-    expected = 0.1 * importance.var() / importance.mean() ** 2
+    expected = 0.1 * importance.var(unbiased=False) / importance.mean() ** 2  # Shazeer's CV^2
     torch.testing.assert_close(m.aux_loss.double(), expected, rtol=1e-5, atol=0)
     assert m.aux_loss.requires_grad
     m.aux_loss.backward()
@@ -153,7 +153,7 @@ def test_empty(shape):
 
 def test_script_save_load(tmp_path):
     torch.manual_seed(4)
-    m = LSTMGatedMoE(6, 8, 3, d_hidden=5, d_out=4, importance_loss_coef=0.01)
+    m = LSTMGatedMoE(6, 8, 3, d_hidden=5, d_out=4, importance_loss_weight=0.01)
     x = torch.randn(2, 5, 6)
     scripted = torch.jit.script(m)
     path = tmp_path / "lstm_moe.pt"

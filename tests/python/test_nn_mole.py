@@ -100,7 +100,7 @@ def test_gradients_match_reference_and_reach_every_parameter(cf):
 
 def test_aux_loss():
     torch.manual_seed(2)
-    m = MoLE(6, 8, 4, 2, 3, k=2, aux_loss_coef=0.1, z_loss_coef=0.01)
+    m = MoLE(6, 8, 4, 2, 3, k=2, aux_loss_weight=0.1, z_loss_weight=0.01)
     x = torch.randn(20, 6)
     m(x)
     logits = x @ m.router.weight.t()
@@ -186,9 +186,35 @@ def test_trained_moe_converted_at_full_rank_gives_same_outputs(cf, group_size):
     torch.testing.assert_close(y, moe(x), atol=2e-5, rtol=2e-5)
     assert torch.equal(mole.expert_counts, moe.expert_counts)
     assert int(mole.dropped_tokens) == int(moe.dropped_tokens)
+    torch.testing.assert_close(mole.aux_loss, moe.aux_loss)
     torch.testing.assert_close(mole.down_proj, moe.down_proj)
     torch.testing.assert_close(mole.router.weight, moe.router.weight)
     assert mole.router is not moe.router
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(router="noisy"),
+        dict(score_func="sigmoid", renormalize=False, use_expert_bias=True),
+        dict(capacity_factor=0.75, min_capacity=3, aux_loss_weight=0.5, z_loss_weight=0.0),
+        dict(num_expert_groups=2, topk_expert_groups=1),
+    ],
+)
+def test_from_moe_keeps_router_configuration(kwargs):
+    torch.manual_seed(7)
+    moe = MoE(8, 6, 4, k=2, **kwargs).eval()
+    if kwargs.get("use_expert_bias"):
+        with torch.no_grad():
+            moe.router.expert_bias.normal_()  # selection-only bias, must carry over
+    mole = MoLE.from_moe(moe, 2)
+    assert type(mole.router) is type(moe.router) and not mole.training
+    assert mole.min_capacity == moe.min_capacity and mole.score_func == moe.score_func
+    x = torch.randn(20, 8)
+    torch.testing.assert_close(mole(x), moe(x), atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(mole.aux_loss, moe.aux_loss)
+    assert torch.equal(mole.expert_counts, moe.expert_counts)
+    assert int(mole.dropped_tokens) == int(moe.dropped_tokens)
 
 
 def test_from_moe_rejects():

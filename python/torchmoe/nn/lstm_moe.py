@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import losses
+
 
 def _lstm_steps(x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor) -> Tensor:
     """One LSTM layer, zero initial state, ``x [B, S, d] -> [B, S, H]``; gate order i, f, g, o as nn.LSTM.
@@ -53,8 +55,9 @@ class LSTMGatedMoE(nn.Module):
         d_out: output feature size (default ``d_model``).
         activation: ``"relu"`` (Shazeer's experts) or ``"gelu"``.
         bias: whether the expert layers have biases (the seed's ``nn.Linear`` experts do).
-        importance_loss_coef: weight of Shazeer's importance loss, ``coef * CV(sum_t g_t)^2``, left in
-            :attr:`aux_loss` after each forward (0 disables it).
+        importance_loss_weight: weight of Shazeer's importance loss,
+            ``weight * torchmoe.losses.importance_loss(g)`` (the squared coefficient of variation of
+            ``sum_t g_t``), left in :attr:`aux_loss` after each forward (0 disables it).
 
     Parameters (``E`` experts, ``H = d_hidden``): ``lstm_weight_ih [4H, d_model]``,
     ``lstm_weight_hh [4H, H]``, ``lstm_bias_ih``, ``lstm_bias_hh [4H]`` (the layout and gate order of
@@ -80,7 +83,7 @@ class LSTMGatedMoE(nn.Module):
         d_out: Optional[int] = None,
         activation: str = "relu",
         bias: bool = True,
-        importance_loss_coef: float = 0.0,
+        importance_loss_weight: float = 0.0,
         device=None,
         dtype=None,
     ):
@@ -100,7 +103,7 @@ class LSTMGatedMoE(nn.Module):
         if self.d_hidden <= 0 or self.d_out <= 0:
             raise ValueError(f"LSTMGatedMoE: d_hidden and d_out must be positive, got {self.d_hidden}, {self.d_out}")
         self.activation = activation
-        self.importance_loss_coef = float(importance_loss_coef)
+        self.importance_loss_weight = float(importance_loss_weight)
         H, E = self.d_hidden, num_experts
 
         self.lstm_weight_ih = nn.Parameter(torch.empty(4 * H, d_model, **factory))
@@ -187,15 +190,10 @@ class LSTMGatedMoE(nn.Module):
         if self.down_bias is not None:
             y = y + g @ self.down_bias
 
-        if self.importance_loss_coef != 0.0:
-            importance = gates.sum(0)
-            if E > 1 and n > 0:
-                cv2 = importance.var() / (importance.mean() ** 2 + 1e-10)
-            else:
-                cv2 = importance.new_zeros(())
-            self.aux_loss = self.importance_loss_coef * cv2
+        if self.importance_loss_weight != 0.0:
+            self.aux_loss = self.importance_loss_weight * losses.importance_loss(gates)
         else:
-            self.aux_loss = gates.new_zeros(())
+            self.aux_loss = torch.zeros((), dtype=gates.dtype, device=gates.device)
         out_shape = list(x.shape[:-1])
         self.gates = gates.reshape(out_shape + [E])
         return y.reshape(out_shape + [self.d_out])
@@ -204,5 +202,5 @@ class LSTMGatedMoE(nn.Module):
         return (
             f"d_model={self.d_model}, d_ff={self.d_ff}, num_experts={self.num_experts}, "
             f"d_hidden={self.d_hidden}, d_out={self.d_out}, activation={self.activation!r}, "
-            f"bias={self.up_bias is not None}, importance_loss_coef={self.importance_loss_coef}"
+            f"bias={self.up_bias is not None}, importance_loss_weight={self.importance_loss_weight}"
         )
