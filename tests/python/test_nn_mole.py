@@ -262,11 +262,19 @@ def test_compile_fullgraph(cf, backend):
     y_eager.square().sum().backward()
     grads = {n: p.grad.clone() for n, p in m.named_parameters()}
     m.zero_grad()
-    y = torch.compile(m, fullgraph=True, backend=backend)(x)
+    compiled = torch.compile(m, fullgraph=True, backend=backend)
+    y = compiled(x)
     torch.testing.assert_close(y, y_eager, atol=1e-5, rtol=1e-5)
     y.square().sum().backward()
     for n, p in m.named_parameters():
         torch.testing.assert_close(p.grad, grads[n], atol=1e-5, rtol=1e-5, msg=n)
+    # Another token count (Dynamo recompiles with a dynamic token dimension).
+    x2 = torch.randn(3, 7, 6)
+    y2 = compiled(x2)
+    aux2, counts2 = m.aux_loss.detach().clone(), m.expert_counts.clone()
+    torch.testing.assert_close(y2, m(x2), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(aux2, m.aux_loss.detach())
+    assert torch.equal(counts2, m.expert_counts)
 
 
 def test_bad_arguments():
