@@ -1,5 +1,5 @@
 """LSTMGatedMoE against the seed's LSTM-gated mixture (nn.LSTM gate, a Python loop over expert modules)."""
-import io
+import copy
 
 import pytest
 import torch
@@ -204,3 +204,21 @@ def test_extra_repr():
     text = repr(LSTMGatedMoE(4, 6, 3, d_hidden=5, activation="gelu", bias=False))
     for part in ("d_model=4", "d_ff=6", "num_experts=3", "d_hidden=5", "activation='gelu'", "bias=False"):
         assert part in text
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_matches_cpu():
+    torch.manual_seed(9)
+    m = LSTMGatedMoE(16, 32, 4, d_hidden=12, importance_loss_weight=0.1)
+    x = torch.randn(3, 9, 16)
+    y = m(x)
+    (y.square().sum() + m.aux_loss).backward()
+    mc = copy.deepcopy(m).cuda()
+    mc.zero_grad()
+    yc = mc(x.cuda())
+    (yc.square().sum() + mc.aux_loss).backward()
+    torch.testing.assert_close(yc.cpu(), y, atol=1e-4, rtol=1e-4)
+    for (n, p), pc in zip(m.named_parameters(), mc.parameters()):
+        torch.testing.assert_close(pc.grad.cpu(), p.grad, atol=1e-3, rtol=1e-3, msg=n)
+    compiled = torch.compile(mc, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x.cuda()).cpu(), y, atol=1e-4, rtol=1e-4)

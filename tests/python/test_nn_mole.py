@@ -1,4 +1,6 @@
 """MoLE against a loop over its dense experts, and MoLE.from_moe against the SVD optimum and the MoE itself."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -294,3 +296,25 @@ def test_extra_repr():
     text = repr(MoLE(6, 8, 4, 2, 3, k=1, capacity_factor=1.5))
     for part in ("d_model=6", "d_ff=8", "num_experts=4", "group_size=2", "rank=3", "k=1", "capacity_factor=1.5"):
         assert part in text
+
+
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and torchmoe.built_with_cuda()), reason="needs a GPU and torchmoe's CUDA kernels"
+)
+@pytest.mark.parametrize("cf", [None, 1.0])
+def test_cuda_matches_cpu(cf):
+    torch.manual_seed(11)
+    m = MoLE(16, 24, 8, 2, 6, k=2, capacity_factor=cf)
+    x = torch.randn(4, 33, 16)
+    y = m(x)
+    (y.square().sum() + m.aux_loss).backward()
+    mc = copy.deepcopy(m).cuda()
+    mc.zero_grad()
+    yc = mc(x.cuda())
+    (yc.square().sum() + mc.aux_loss).backward()
+    assert torch.equal(mc.expert_counts.cpu(), m.expert_counts)
+    assert int(mc.dropped_tokens) == int(m.dropped_tokens)
+    torch.testing.assert_close(yc.cpu(), y, atol=1e-4, rtol=1e-4)
+    for (n, p), pc in zip(m.named_parameters(), mc.parameters()):
+        torch.testing.assert_close(pc.grad.cpu(), p.grad, atol=1e-3, rtol=1e-3, msg=n)
+    torch.testing.assert_close(torch.compile(mc, fullgraph=True)(x.cuda()).cpu(), y, atol=1e-4, rtol=1e-4)

@@ -1,4 +1,6 @@
 """MoLoRA and inject_molora against the seed's mixture of LoRA experts (a loop over experts)."""
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -268,3 +270,24 @@ def test_injected_model_scripts():
     inject_molora(model, ["q_proj", "v_proj"], num_experts=2, rank=2)
     ids = torch.randint(0, 11, (2, 4))
     torch.testing.assert_close(torch.jit.script(model)(ids), model(ids))
+
+
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and torchmoe.built_with_cuda()), reason="needs a GPU and torchmoe's CUDA kernels"
+)
+@pytest.mark.parametrize("top_k", [None, 2])
+def test_cuda_matches_cpu(top_k):
+    torch.manual_seed(10)
+    m = randomise_b(MoLoRA(nn.Linear(16, 12), 4, 4, top_k=top_k, temperature=0.8))
+    x = torch.randn(5, 7, 16)
+    y = m(x)
+    y.square().sum().backward()
+    mc = copy.deepcopy(m).cuda()
+    mc.zero_grad()
+    yc = mc(x.cuda())
+    yc.square().sum().backward()
+    torch.testing.assert_close(yc.cpu(), y, atol=1e-4, rtol=1e-4)
+    for (n, p), pc in zip(m.named_parameters(), mc.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(pc.grad.cpu(), p.grad, atol=1e-3, rtol=1e-3, msg=n)
+    torch.testing.assert_close(torch.compile(mc, fullgraph=True)(x.cuda()).cpu(), y, atol=1e-4, rtol=1e-4)
