@@ -6,8 +6,7 @@ import torch
 import torch.nn as nn
 
 import torchmoe  # noqa: F401  (registers the ops)
-from torchmoe.nn import LSTMGatedMoE
-from torchmoe.nn.lstm_moe import _lstm_steps
+from torchmoe.nn.lstm_moe import LSTMGatedMoE, _lstm_steps
 
 
 class SeedLSTMMoE(nn.Module):

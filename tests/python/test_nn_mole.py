@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 import torchmoe
 from torchmoe import reference
-from torchmoe.nn import MoE, MoLE
+from torchmoe.nn import MoE
+from torchmoe.nn.mole import MoLE
 import torchmoe.nn.mole as mole_module
 
 

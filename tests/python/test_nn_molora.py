@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 import torchmoe  # noqa: F401  (registers the ops)
-from torchmoe.nn import MoLoRA, inject_molora
+from torchmoe.nn.molora import MoLoRA, inject_molora
 
 
 def seed_molora(m: MoLoRA, x: torch.Tensor) -> torch.Tensor:
