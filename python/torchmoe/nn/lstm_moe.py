@@ -69,9 +69,13 @@ class LSTMGatedMoE(nn.Module):
         input ``[..., S, d_model]`` (``S`` the sequence dimension, the LSTM runs along it; leading dims are
         independent sequences; a 2-D input is one sequence), output ``[..., S, d_out]``.
 
-    After each forward, :attr:`gates` holds the gate probabilities ``[..., S, E]`` (float32, float64 for float64 inputs) and
-    :attr:`aux_loss` the importance loss. Under ``torch.compile`` the LSTM recurrence is traced step by step
-    (Dynamo does not trace ``nn.LSTM``), so the compiled graph is specialised on the sequence length.
+    After each forward, :attr:`gates` holds the gate probabilities ``[..., S, E]`` (float32; float64 for
+    float64 inputs) and :attr:`aux_loss` the importance loss.
+
+    The LSTM's parameters live on this module rather than in an ``nn.LSTM`` child because Dynamo refuses
+    to trace ``nn.LSTM`` (and ``torch.lstm``'s CPU path has no fake-tensor kernel): eager and TorchScript
+    call the fused ``torch.lstm``, ``torch.compile`` traces the same recurrence step by step, so its graph
+    is specialised on the sequence length.
     """
 
     def __init__(

@@ -44,7 +44,8 @@ class MoLE(nn.Module):
             :class:`~torchmoe.nn.NoisyTopkRouter`).
         aux_loss_weight: weight of the Switch load-balancing loss (and of the noisy router's load loss).
         z_loss_weight: weight of the router z-loss.
-        device, dtype: where and in which dtype to create the parameters.
+        device, dtype: where and in which dtype to create the expert parameters (the router weight stays
+            float32: router math is float32 anyway).
 
     Parameters: ``router.weight``, ``up_basis``, ``gate_basis`` ``[G, d_model, r]``, ``up_coef``,
     ``gate_coef`` ``[E, r, d_ff]``, ``down_proj [E, d_ff, d_model]``, all used as ``x @ W``. A fresh MoLE
@@ -120,7 +121,7 @@ class MoLE(nn.Module):
             self.router = NoisyTopkRouter(d_model, num_experts, k)
         else:
             raise ValueError(f"MoLE: router must be 'topk' or 'noisy', got {router!r}")
-        self.router.to(device=device, dtype=dtype)
+        self.router.to(device=device)  # router math is float32 whatever the experts' dtype
 
         G, E = self.num_groups, num_experts
         self.up_basis = nn.Parameter(torch.empty(G, d_model, rank, **factory))
