@@ -5,8 +5,14 @@ All modules take inputs ``[..., d_model]``, are scriptable with ``torch.jit.scri
 
 - :class:`TopkRouter`, :class:`NoisyTopkRouter` — routers (linear scoring + top-k gating).
 - :class:`MoE` — sparse MoE layer (capacity or dropless), :class:`SwitchMoE` — top-1 Switch layer.
+- :class:`LSTMGatedMoE` — dense mixture of expert MLPs gated by an LSTM over the sequence.
+- :class:`MoLE` — Mixture of Latent Experts (shared per-group bases); ``MoLE.from_moe`` converts a MoE.
+- :class:`MoLoRA`, :func:`inject_molora` — mixture of LoRA experts around frozen ``nn.Linear`` layers.
 """
+from .lstm_moe import LSTMGatedMoE
 from .moe import MoE, SwitchMoE
+from .mole import MoLE
+from .molora import MoLoRA, inject_molora
 from .router import NoisyTopkRouter, TopkRouter
 
 __all__ = [
@@ -14,4 +20,8 @@ __all__ = [
     "NoisyTopkRouter",
     "MoE",
     "SwitchMoE",
+    "LSTMGatedMoE",
+    "MoLE",
+    "MoLoRA",
+    "inject_molora",
 ]
