@@ -11,6 +11,14 @@ cumsum queue. "loop" indexes the layer's stacked weights (moe.up_proj[e], ...); 
 on separate per-expert weight tensors (the nn.ModuleList layout, which avoids the stacked weights'
 per-expert gradient scatter). All three variants share the same weights and routing; outputs are checked to agree.
 Medians of `--reps` timed runs; "x" columns are speedups of the fused layer (> 1 means faster).
+
+At this size every variant is bound by the same expert GEMMs (about 155 GFLOP for forward+backward), so
+the fused layer cannot do much better than match a loop that already runs near the GEMM roofline. On
+CPU, glibc serves allocations above 32 MB with fresh mmap'd pages, so the fused layer's whole-batch
+intermediates pay page faults that the loop's per-expert chunks mostly avoid; running with
+`GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=17179869184` (or jemalloc/tcmalloc)
+removes that cost for every variant. Fine-grained experts (many small experts), a loaded machine and
+small batches are where the fused layer's fixed number of ops pays off.
 """
 import argparse
 import statistics
@@ -98,6 +106,7 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
+    p.add_argument("--modes", default="capacity,dropless", help="comma-separated, run in this order")
     p.add_argument("--compile", action="store_true", help="also time torch.compile(fused, fullgraph=True)")
     args = p.parse_args()
     if args.threads:
@@ -116,7 +125,8 @@ def main() -> None:
     torch.manual_seed(0)
     x = torch.randn(args.tokens, args.d_model, dtype=dtype)
     grad_y = torch.randn_like(x)
-    for cf in (args.capacity_factor, None):
+    modes = {"capacity": args.capacity_factor, "dropless": None}
+    for cf in [modes[m] for m in args.modes.split(",")]:
         fused = MoE(args.d_model, args.d_ff, args.experts, k=args.k, capacity_factor=cf, activation=args.activation)
         fused = fused.to(dtype)
         ref = MoE(args.d_model, args.d_ff, args.experts, k=args.k, capacity_factor=cf, activation=args.activation,
