@@ -17,8 +17,10 @@ the fused layer cannot do much better than match a loop that already runs near t
 CPU, glibc serves allocations above 32 MB with fresh mmap'd pages, so the fused layer's whole-batch
 intermediates pay page faults that the loop's per-expert chunks mostly avoid; running with
 `GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=17179869184` (or jemalloc/tcmalloc)
-removes that cost for every variant. Fine-grained experts (many small experts), a loaded machine and
-small batches are where the fused layer's fixed number of ops pays off.
+removes that cost for every variant. Where the fused layer does win on CPU: against the loop over the
+layer's stacked weights with many experts (each `weight[e]` in the loop back-propagates a full-size
+gradient, so with E=64 the loop's backward is several times slower), and on a loaded machine (a fixed
+handful of ops rather than a dozen per expert, each with its own thread synchronisation).
 """
 import argparse
 import statistics
