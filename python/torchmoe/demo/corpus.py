@@ -12,7 +12,7 @@ Python version (other versions document their modules a little differently).
 import importlib
 import inspect
 import warnings
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -47,8 +47,13 @@ def _printable(text: str) -> str:
     return "".join(c for c in text if c == "\n" or " " <= c <= "~")
 
 
-def build_corpus(max_chars: int = DEFAULT_MAX_CHARS, modules: Tuple[str, ...] = MODULES) -> str:
-    """Concatenated standard-library docstrings: deterministic, at most ``max_chars`` characters."""
+def build_corpus(
+    max_chars: int = DEFAULT_MAX_CHARS, modules: Tuple[str, ...] = MODULES, used: Optional[List[str]] = None
+) -> str:
+    """Concatenated standard-library docstrings: deterministic, at most ``max_chars`` characters.
+
+    ``used``, when given, receives the names of the modules that contributed text.
+    """
     seen = set()
     parts: List[str] = []
     total = 0
@@ -75,6 +80,8 @@ def build_corpus(max_chars: int = DEFAULT_MAX_CHARS, modules: Tuple[str, ...] = 
                 module = importlib.import_module(name)
             except Exception:
                 continue
+            if used is not None:
+                used.append(name)
             add(name, module)
             for attr in sorted(vars(module)):
                 if attr.startswith("_"):

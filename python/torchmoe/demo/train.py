@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from . import report
-from .corpus import DEFAULT_MAX_CHARS, MODULES, CharTokenizer, build_corpus, split_train_heldout
+from .corpus import DEFAULT_MAX_CHARS, CharTokenizer, build_corpus, split_train_heldout
 from .model import ROUTERS, ModelConfig, MoETransformer, load_checkpoint, make_moe_layer, save_checkpoint
 
 DEFAULT_TIME_BUDGET = 120.0
@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--dropless", action="store_true", help="no capacity limit: grouped matmul, nothing dropped")
     m.add_argument("--activation", choices=("relu", "gelu", "swiglu"), default="relu", help="expert MLP")
     m.add_argument("--dropout", type=float, default=0.0)
+    m.add_argument("--impl", choices=("fused", "reference"), default="fused",
+                   help="MoE layers on torchmoe's fused ops, or on torchmoe.reference (plain PyTorch)")
     t = p.add_argument_group("training")
     t.add_argument("--batch-size", type=int, default=16)
     t.add_argument("--lr", type=float, default=1e-3)
@@ -141,6 +143,9 @@ class _NoBar:
     def close(self):
         pass
 
+    def write(self, text):
+        print(text)
+
 
 def _progress_bar(total: Optional[int], desc: str, disable: bool):
     if disable:
@@ -156,6 +161,14 @@ def _progress_bar(total: Optional[int], desc: str, disable: bool):
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _adamw(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    # The fused AdamW (one kernel for all parameters) where this torch has it for the device.
+    try:
+        return torch.optim.AdamW(model.parameters(), lr=lr, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(model.parameters(), lr=lr)
 
 
 def train(
@@ -178,7 +191,7 @@ def train(
         torch.cuda.manual_seed_all(seed)
     model = MoETransformer(cfg).to(device)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    opt = _adamw(model, lr)
     moes = model.moe_layers()
     res = RunResult(model=model)
     res.counts = torch.zeros(cfg.n_layer, cfg.num_experts, dtype=torch.long, device=device)
@@ -186,12 +199,15 @@ def train(
     tokens_per_step = train_batches.batch_size * cfg.block_size
     res.tokens_per_step = tokens_per_step
 
+    bar = _progress_bar(max_steps if time_budget is None else None, desc, not progress)
+
     def evaluate(step: int) -> None:
         res.eval_steps.append(step)
         res.eval_train.append(estimate_loss(model, eval_sets["train"]))
         res.eval_heldout.append(estimate_loss(model, eval_sets["heldout"]))
+        if eval_every > 0:
+            bar.write(f"step {step:>6}: train loss {res.eval_train[-1]:.4f}, held-out loss {res.eval_heldout[-1]:.4f}")
 
-    bar = _progress_bar(max_steps if time_budget is None else None, desc, not progress)
     start = time.perf_counter()
     evaluate(0)
     smooth = None
@@ -273,18 +289,20 @@ def moe_layer_speed(cfg: ModelConfig, tokens: int, device: torch.device, repeats
 # ---------------------------------------------------------------------------------------------- main
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, needs_kernels: bool = True) -> torch.device:
+    """``auto``: CUDA when a GPU is present and (for the fused ops) torchmoe has CUDA kernels, else CPU."""
     import torchmoe
 
+    cuda_ok = torch.cuda.is_available() and (torchmoe.built_with_cuda() or not needs_kernels)
     if name == "auto":
-        if torch.cuda.is_available() and torchmoe.built_with_cuda():
-            return torch.device("cuda")
-        return torch.device("cpu")
+        if torch.cuda.is_available() and not cuda_ok:
+            print("note: a GPU is present but torchmoe was built without CUDA kernels; running on the CPU")
+        return torch.device("cuda" if cuda_ok else "cpu")
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise SystemExit(f"--device {name}: CUDA is not available")
-        if not torchmoe.built_with_cuda():
+        if not cuda_ok:
             raise SystemExit(f"--device {name}: torchmoe was built without CUDA kernels (CPU-only build)")
     return device
 
@@ -311,12 +329,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         time_budget = None
     if args.steps is None and time_budget is None:
         raise SystemExit("give --steps or a positive --time-budget")
-    device = resolve_device(args.device)
+    if args.compare and args.impl != "fused":
+        raise SystemExit("--compare trains with the fused ops and then with the reference: drop --impl reference")
+    device = resolve_device(args.device, needs_kernels=args.impl == "fused")
     os.makedirs(args.out, exist_ok=True)
 
     # Data.
     t0 = time.perf_counter()
-    text = build_corpus(args.corpus_chars)
+    used_modules: List[str] = []
+    text = build_corpus(args.corpus_chars, used=used_modules)
     tokenizer = CharTokenizer.from_text(text)
     data = tokenizer.encode(text)
     train_data, heldout_data = split_train_heldout(data)
@@ -334,6 +355,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         capacity_factor=None if args.dropless else args.capacity_factor,
         activation=args.activation,
         dropout=args.dropout,
+        impl=args.impl,
     )
     eval_sets = {}
     for i, (split, split_data) in enumerate((("train", train_data), ("heldout", heldout_data))):
@@ -347,16 +369,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     print("torchmoe demo: a character-level MoE transformer in the spirit of makeMoE")
     print(
         f"corpus : {len(text):,} characters of Python {py.major}.{py.minor} standard-library docstrings "
-        f"({len(MODULES)} modules listed, built in {corpus_s:.1f} s), vocabulary {tokenizer.vocab_size}; "
-        f"train {train_data.numel():,} / held-out {heldout_data.numel():,}"
+        f"from {len(used_modules)} module{'s' if len(used_modules) != 1 else ''} "
+        f"({used_modules[0]} ... {used_modules[-1]}; built in {corpus_s:.1f} s)"
+    )
+    print(
+        f"         vocabulary {tokenizer.vocab_size} characters; train {train_data.numel():,} / "
+        f"held-out {heldout_data.numel():,} characters (every 10th chunk of the text held out)"
     )
     cap_text = "dropless" if cfg.capacity_factor is None else f"capacity factor {cfg.capacity_factor:g}"
     router_text = {"topk": "top-k router", "noisy": "noisy top-k router", "switch": "Switch top-1 router"}[cfg.router]
     print(
         f"model  : {cfg.n_layer} layers, n_embed {cfg.n_embed}, {cfg.n_head} heads, block size {cfg.block_size} | "
         f"MoE: {cfg.num_experts} experts ({cfg.activation}, d_ff {cfg.ff_mult * cfg.n_embed}), top-{cfg.top_k}, "
-        f"{router_text}, {cap_text}"
+        f"{router_text}, {cap_text}" + (" (reference ops)" if cfg.impl == "reference" else "")
     )
+    with torch.device("meta"):
+        total_params, active_params = _param_counts(MoETransformer(cfg))
+    print(f"         {total_params / 1e6:.2f}M parameters, {active_params / 1e6:.2f}M active per token")
     threads = f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else ""
     run_text = f"{args.steps} steps" if args.steps is not None else ""
     if time_budget is not None:
@@ -370,8 +399,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     res = train(cfg, batches(), eval_sets, max_steps=args.steps, time_budget=time_budget,
                 eval_every=args.eval_every, desc="torchmoe", **common)
     model = res.model
-    total_params, active_params = _param_counts(model)
-    print(f"         {total_params / 1e6:.2f}M parameters, {active_params / 1e6:.2f}M active per token")
 
     metrics = {
         "steps": res.steps,
