@@ -99,10 +99,15 @@ def test_demo_trains_and_writes_files(tmp_path, capsys):
     assert 0 <= sum(metrics["dropped"]) < 2 * metrics["assignments_per_layer"]
     counts = torch.tensor(metrics["expert_counts"])
     assert counts.shape == (2, 8) and (counts.sum(1) == metrics["assignments_per_layer"]).all()
-    # The expert-load table: a header and one row per layer.
-    assert "expert load" in text
-    rows = [line for line in text.splitlines() if line.split()[:1] in (["0"], ["1"]) and line.endswith("%")]
-    assert len(rows) == 2
+    # Two expert-load tables (training, and the trained model on held-out text): one row per layer each,
+    # eight shares that sum to 100%.
+    assert "expert load during training" in text and "expert load of the trained model on held-out" in text
+    rows = [line.split() for line in text.splitlines() if line.split()[:1] in (["0"], ["1"]) and line.endswith("%")]
+    assert len(rows) == 4
+    for row in rows:
+        assert abs(sum(float(v) for v in row[1:9]) - 100.0) < 0.5
+    held = torch.tensor(metrics["heldout_expert_counts"])
+    assert held.shape == (2, 8) and held.sum() > 0
     png = out / "torchmoe_demo.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and str(png.resolve()) in text
     assert (out / "checkpoint.pt").exists()

@@ -1,5 +1,4 @@
 """Text tables and the PNG of the demo."""
-import math
 from typing import Dict, Optional
 
 import torch
@@ -22,10 +21,10 @@ def summary(res, cfg) -> str:
     )
 
 
-def expert_load_table(counts: Tensor, dropped: Tensor, assignments: int) -> str:
+def expert_load_table(counts: Tensor, dropped: Tensor, assignments: int, what: str = "") -> str:
     """Share of each layer's token-expert assignments routed to each expert (before dropping), in %."""
     L, E = counts.shape
-    lines = [f"expert load: % of each layer's token-expert assignments (balanced = {100.0 / E:.1f}%)"]
+    lines = [f"expert load {what}: % of each layer's token-expert assignments (balanced = {100.0 / E:.1f}%)"]
     width = 6
     header = "layer " + "".join(f"{'e' + str(e):>{width}}" for e in range(E)) + "   max/mean  dropped"
     lines.append(header)
@@ -67,18 +66,24 @@ def _smooth(values, window: int):
     return out
 
 
-def plot(path: str, res, cfg, ref=None) -> bool:
+def plot(path: str, res, cfg, ref=None, heldout_counts: Optional[Tensor] = None) -> bool:
     """Loss curves and an expert-load heatmap in one PNG. False (with a note) without matplotlib."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.colors import TwoSlopeNorm
     except ImportError:
         print("(matplotlib is not installed: no plot; `pip install matplotlib`)")
         return False
 
-    fig, (ax_loss, ax_load) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1.2, 1]})
+    loads = [("during training", res.counts)]
+    if heldout_counts is not None:
+        loads.append(("trained model, held-out text", heldout_counts))
+    fig, axes = plt.subplots(1, 1 + len(loads), figsize=(6.5 + 5.2 * len(loads), 4.8),
+                             gridspec_kw={"width_ratios": [1.25] + [1] * len(loads)})
+    ax_loss = axes[0]
     steps = list(range(1, len(res.train_loss) + 1))
     window = max(1, min(25, len(steps) // 10))
     ax_loss.plot(steps, res.train_loss, color="tab:blue", alpha=0.25, lw=0.8, label="train (batch)")
@@ -94,21 +99,28 @@ def plot(path: str, res, cfg, ref=None) -> bool:
     ax_loss.grid(alpha=0.3)
     ax_loss.legend()
 
-    counts = res.counts.double()
-    share = 100.0 * counts / counts.sum(1, keepdim=True).clamp(min=1)
-    L, E = share.shape
-    im = ax_load.imshow(share.numpy(), cmap="viridis", aspect="auto")
-    for i in range(L):
-        for j in range(E):
-            v = share[i, j].item()
-            ax_load.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7,
-                         color="white" if im.norm(v) < 0.5 else "black")
-    ax_load.set_xticks(range(E))
-    ax_load.set_yticks(range(L))
-    ax_load.set_xlabel("expert")
-    ax_load.set_ylabel("layer")
-    ax_load.set_title(f"expert load, % of assignments (balanced = {100.0 / E:.1f}%)")
-    fig.colorbar(im, ax=ax_load, fraction=0.046, pad=0.04)
+    shares = []
+    for _, counts in loads:
+        counts = counts.double()
+        shares.append(100.0 * counts / counts.sum(1, keepdim=True).clamp(min=1))
+    # One colour scale for every heatmap: white at the balanced share, blue below, red above.
+    E = shares[0].shape[1]
+    balanced = 100.0 / E
+    top = max(2.0 * balanced, max(s.max().item() for s in shares))
+    norm = TwoSlopeNorm(vmin=0.0, vcenter=balanced, vmax=top)
+    for ax, (title, _), share in zip(axes[1:], loads, shares):
+        L = share.shape[0]
+        im = ax.imshow(share.numpy(), cmap="coolwarm", aspect="auto", norm=norm)
+        for i in range(L):
+            for j in range(E):
+                v = share[i, j].item()
+                ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(E))
+        ax.set_yticks(range(L))
+        ax.set_xlabel("expert")
+        ax.set_ylabel("layer")
+        ax.set_title(f"expert load, {title}\n% of assignments (balanced = {100.0 / E:.1f}%)", fontsize=10)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     router = {"topk": "top-k", "noisy": "noisy top-k", "switch": "Switch top-1"}[cfg.router]
     cap = "dropless" if cfg.capacity_factor is None else f"capacity factor {cfg.capacity_factor:g}"
     fig.suptitle(f"torchmoe demo: {cfg.n_layer} layers x {cfg.num_experts} experts, top-{cfg.top_k} {router}, "

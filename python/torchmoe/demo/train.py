@@ -103,6 +103,26 @@ def estimate_loss(model: MoETransformer, batches: List[Tuple[Tensor, Tensor]]) -
     return total / len(batches)
 
 
+@torch.no_grad()
+def routing_stats(model: MoETransformer, batches: List[Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Tensor, int]:
+    """How the model (eval mode: no router noise) routes ``batches``: counts ``[L, E]``, dropped ``[L]``,
+    and assignments per layer."""
+    was_training = model.training
+    model.eval()
+    cfg = model.cfg
+    counts = torch.zeros(cfg.n_layer, cfg.num_experts, dtype=torch.long)
+    dropped = torch.zeros(cfg.n_layer, dtype=torch.long)
+    assignments = 0
+    for x, _ in batches:
+        model(x)
+        for i, layer in enumerate(model.moe_layers()):
+            counts[i] += layer.expert_counts.reshape(-1, cfg.num_experts).sum(0).cpu()
+            dropped[i] += int(layer.dropped_tokens)
+        assignments += x.numel() * cfg.top_k
+    model.train(was_training)
+    return counts, dropped, assignments
+
+
 # -------------------------------------------------------------------------------------------- training
 
 
@@ -418,7 +438,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     print()
     print(report.summary(res, cfg))
     print()
-    print(report.expert_load_table(res.counts, res.dropped, res.assignments))
+    print(report.expert_load_table(res.counts, res.dropped, res.assignments, "during training (all steps)"))
+    held_counts, held_dropped, held_assignments = routing_stats(model, eval_sets["heldout"])
+    print()
+    print(report.expert_load_table(held_counts, held_dropped, held_assignments,
+                                   "of the trained model on held-out text (no router noise)"))
+    metrics["heldout_expert_counts"] = held_counts.tolist()
+    metrics["heldout_dropped"] = held_dropped.tolist()
 
     ref = None
     if args.compare and res.steps > 0:
@@ -438,7 +464,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     # Picture.
     png = os.path.join(args.out, "torchmoe_demo.png")
-    if report.plot(png, res, cfg, ref):
+    if report.plot(png, res, cfg, ref, held_counts):
         print(f"\nplot: {os.path.abspath(png)}")
         metrics["png"] = png
 
