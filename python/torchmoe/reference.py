@@ -132,10 +132,13 @@ def dispatch(x: Tensor, dest: Tensor, num_rows: int) -> Tensor:
 def combine(expert_out: Tensor, dest: Tensor, weights: Tensor) -> Tensor:
     """Reference for :func:`torchmoe.combine`."""
     acc = _acc_dtype(expert_out.dtype)
-    kept = dest >= 0
-    rows = expert_out.to(acc)[dest.clamp(min=0)]  # [N, k, d]
-    w = torch.where(kept, weights.to(acc), torch.zeros((), dtype=acc, device=weights.device))
-    return (rows * w.unsqueeze(-1)).sum(1).to(expert_out.dtype)
+    N, k = dest.shape
+    flat = dest.reshape(-1)
+    kept = flat >= 0  # dropped slots read nothing (not even a NaN row times weight 0)
+    token = torch.arange(N, device=dest.device).repeat_interleave(k)[kept]
+    rows = expert_out.to(acc)[flat[kept]] * weights.to(acc).reshape(-1)[kept].unsqueeze(-1)
+    out = torch.zeros((N, expert_out.shape[1]), dtype=acc, device=expert_out.device)
+    return out.index_add(0, token, rows).to(expert_out.dtype)
 
 
 def grouped_mm(x: Tensor, weight: Tensor, counts: Tensor) -> Tensor:
