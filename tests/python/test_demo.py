@@ -16,7 +16,9 @@ from torchmoe.demo.model import ModelConfig, MoETransformer, load_checkpoint, sa
 pytest.importorskip("matplotlib")
 
 TINY = ["--n-layer", "2", "--n-embed", "32", "--n-head", "4", "--batch-size", "8", "--eval-batches", "2",
-        "--corpus-chars", "200000", "--sample-chars", "40", "--no-progress"]
+        "--corpus-chars", "200000", "--sample-chars", "40", "--no-progress",
+        # One thread: a model this small gains nothing from more, and it keeps the test quick on a busy machine.
+        "--threads", "1"]
 
 
 def test_corpus_is_deterministic_capped_and_printable():

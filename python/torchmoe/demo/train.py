@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--seed", type=int, default=1337)
     t.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
+    t.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's own choice, usually one per core)")
     t.add_argument("--eval-every", type=int, default=50, help="held-out loss every N steps")
     t.add_argument("--eval-batches", type=int, default=8, help="batches per loss estimate")
     o = p.add_argument_group("output")
@@ -340,6 +342,18 @@ def _param_counts(model: MoETransformer) -> Tuple[int, int]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.steps is not None and args.steps < 0:
         raise SystemExit("--steps must be >= 0")
     time_budget = args.time_budget
@@ -406,7 +420,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     with torch.device("meta"):
         total_params, active_params = _param_counts(MoETransformer(cfg))
     print(f"         {total_params / 1e6:.2f}M parameters, {active_params / 1e6:.2f}M active per token")
-    threads = f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else ""
+    threads = f" ({torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''})" if device.type == "cpu" else ""
     run_text = f"{args.steps} steps" if args.steps is not None else ""
     if time_budget is not None:
         run_text += (" or " if run_text else "") + f"{time_budget:g} s"
