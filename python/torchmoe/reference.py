@@ -112,7 +112,7 @@ def route_plan(
         expert_start = torch.cumsum(per_expert, 0) - per_expert
         group_start = torch.cumsum(counts, 0) - counts
         row_offset = expert_start.unsqueeze(0) + group_start  # [G, E]
-        dest = row_offset.gather(1, idx.view(G, T * k)).view(G, T, k) + position
+        dest = row_offset.gather(1, idx.reshape(G, T * k)).view(G, T, k) + position
 
     if ungrouped:
         return dest[0], counts[0]

@@ -1,1 +1,144 @@
-// placeholder: kernels land here.
+// grouped_mm on CPU: one BLAS GEMM per (expert, block) task, tasks spread over threads with
+// at::parallel_for. Blocks have a fixed size, so every output element comes from the same GEMM call
+// whatever the thread count. counts is read on the host (it already lives there on CPU).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <vector>
+
+#include "ops/common/grouped_mm_checks.h"
+
+namespace torchmoe::ops {
+namespace {
+
+// Rows of x per forward / grad_x task, and rows of grad_weight[e] (i.e. d_in) per grad_weight task.
+constexpr int64_t kRowBlock = 256;
+constexpr int64_t kColBlock = 128;
+
+struct Task {
+  bool grad_weight;  // backward only: a grad_weight block rather than a grad_x row block
+  int64_t expert;
+  int64_t begin;   // first row (forward/grad_x: of x; grad_weight: of weight[e])
+  int64_t length;  // rows in this task
+};
+
+// Validates counts against N and returns each expert's first row.
+std::vector<int64_t> expert_offsets(const at::Tensor& counts, int64_t num_rows, const char* op) {
+  const auto c = counts.contiguous();
+  const int64_t* p = c.data_ptr<int64_t>();
+  const int64_t num_experts = c.numel();
+  std::vector<int64_t> offsets(num_experts + 1, 0);
+  for (int64_t e = 0; e < num_experts; ++e) {
+    TORCHMOE_CHECK_ARG(p[e] >= 0, op, "counts", "must be non-negative, got counts[", e, "] = ", p[e]);
+    offsets[e + 1] = offsets[e] + p[e];
+    TORCHMOE_CHECK_ARG(offsets[e + 1] <= num_rows, op, "counts", "must sum to x.size(0) = ", num_rows,
+                       ", got a partial sum of ", offsets[e + 1], " after expert ", e);
+  }
+  TORCHMOE_CHECK_ARG(offsets[num_experts] == num_rows, op, "counts", "must sum to x.size(0) = ", num_rows,
+                     ", got ", offsets[num_experts]);
+  return offsets;
+}
+
+// Splits each expert's [offsets[e], offsets[e+1]) range into blocks of `block` rows.
+std::vector<Task> row_tasks(const std::vector<int64_t>& offsets, int64_t block) {
+  std::vector<Task> tasks;
+  for (size_t e = 0; e + 1 < offsets.size(); ++e) {
+    for (int64_t r = offsets[e]; r < offsets[e + 1]; r += block) {
+      tasks.push_back({false, static_cast<int64_t>(e), r, std::min(block, offsets[e + 1] - r)});
+    }
+  }
+  return tasks;
+}
+
+// Runs fn(task) for every task on the ATen thread pool. Threads take tasks from a shared counter, so
+// uneven tasks (experts of different sizes, grad_x next to grad_weight blocks) still balance; which thread
+// runs a task never changes its result. The workers get the caller's thread-local state (dispatch key
+// exclusions, grad mode, ...), so the at::mm_out calls inside behave as on the caller.
+template <typename Fn>
+void run_tasks(const std::vector<Task>& tasks, const Fn& fn) {
+  const int64_t num_tasks = static_cast<int64_t>(tasks.size());
+  const int64_t workers = std::min<int64_t>(num_tasks, at::get_num_threads());
+  const at::ThreadLocalState state;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    at::ThreadLocalStateGuard guard(state);
+    for (int64_t w = begin; w < end; ++w) {
+      for (int64_t t = next.fetch_add(1); t < num_tasks; t = next.fetch_add(1)) fn(tasks[t]);
+    }
+  });
+}
+
+at::Tensor grouped_mm_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& counts) {
+  checks::check_grouped_mm_args(x_in, weight_in, counts);
+  const auto x = x_in.contiguous();
+  const auto weight = weight_in.contiguous();
+  const int64_t n = x.size(0);
+  const auto offsets = expert_offsets(counts, n, "grouped_mm");
+  auto out = at::empty({n, weight.size(2)}, x.options());
+  if (n == 0) return out;
+  run_tasks(row_tasks(offsets, kRowBlock), [&](const Task& t) {
+    auto dst = out.narrow(0, t.begin, t.length);
+    at::mm_out(dst, x.narrow(0, t.begin, t.length), weight.select(0, t.expert));
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cpu(const at::Tensor& grad_output_in,
+                                                           const at::Tensor& x_in, const at::Tensor& weight_in,
+                                                           const at::Tensor& counts) {
+  checks::check_grouped_mm_backward_args(grad_output_in, x_in, weight_in, counts);
+  const auto grad_output = grad_output_in.contiguous();
+  const auto x = x_in.contiguous();
+  const auto weight = weight_in.contiguous();
+  const int64_t n = x.size(0);
+  const int64_t num_experts = weight.size(0);
+  const int64_t d_in = weight.size(1);
+  const auto offsets = expert_offsets(counts, n, "_grouped_mm_backward");
+
+  auto grad_x = at::empty_like(x);
+  auto grad_weight = at::empty_like(weight);
+
+  // grad_x rows of e = grad_output rows of e @ weight[e]^T, in row blocks; and
+  // grad_weight[e] = x_e^T @ grad_output_e, blocked over d_in so each block's reduction over the expert's
+  // rows stays inside one GEMM. Experts without rows get zeros.
+  std::vector<Task> tasks = row_tasks(offsets, kRowBlock);
+  for (int64_t e = 0; e < num_experts; ++e) {
+    if (offsets[e + 1] == offsets[e]) {
+      grad_weight.select(0, e).zero_();
+      continue;
+    }
+    for (int64_t i = 0; i < d_in; i += kColBlock) tasks.push_back({true, e, i, std::min(kColBlock, d_in - i)});
+  }
+  if (tasks.empty()) return {grad_x, grad_weight};
+  // Largest first (costs in units of d_out multiply-adds), so the tail is short.
+  auto cost = [&](const Task& t) {
+    return t.grad_weight ? t.length * (offsets[t.expert + 1] - offsets[t.expert]) : t.length * d_in;
+  };
+  std::stable_sort(tasks.begin(), tasks.end(), [&](const Task& a, const Task& b) { return cost(a) > cost(b); });
+
+  run_tasks(tasks, [&](const Task& t) {
+    if (!t.grad_weight) {
+      auto dst = grad_x.narrow(0, t.begin, t.length);
+      at::mm_out(dst, grad_output.narrow(0, t.begin, t.length), weight.select(0, t.expert).t());
+    } else {
+      const int64_t row0 = offsets[t.expert];
+      const int64_t rows = offsets[t.expert + 1] - row0;
+      auto dst = grad_weight.select(0, t.expert).narrow(0, t.begin, t.length);
+      at::mm_out(dst, x.narrow(0, row0, rows).narrow(1, t.begin, t.length).t(), grad_output.narrow(0, row0, rows));
+    }
+  });
+  return {grad_x, grad_weight};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torchmoe, CPU, m) {
+  m.impl("grouped_mm", &grouped_mm_cpu);
+  m.impl("_grouped_mm_backward", &grouped_mm_backward_cpu);
+}
+
+}  // namespace torchmoe::ops

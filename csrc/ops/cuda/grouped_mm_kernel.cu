@@ -20,6 +20,7 @@
 #include <string>
 
 #include "ops/common/checks.h"
+#include "ops/common/grouped_mm_checks.h"
 #include "ops/cuda/cuda_common.cuh"
 
 namespace torchmoe::cuda {
@@ -175,22 +176,6 @@ bool use_torch_grouped_mm(const at::Tensor& x, const at::Tensor& weight) {
   return x.size(0) < std::numeric_limits<int>::max();
 }
 
-void check_grouped_mm_args(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& counts) {
-  checks::check_dim(x, 2, op, "x");
-  checks::check_floating(x, op, "x");
-  checks::check_dim(weight, 3, op, "weight");
-  TORCHMOE_CHECK_ARG(weight.scalar_type() == x.scalar_type(), op, "weight", "must have the dtype of x (",
-                     x.scalar_type(), "), got ", weight.scalar_type());
-  TORCHMOE_CHECK_ARG(weight.size(1) == x.size(1), op, "weight", "must have shape [E, ", x.size(1),
-                     ", d_out], got ", weight.sizes());
-  checks::check_dim(counts, 1, op, "counts");
-  checks::check_dtype(counts, at::kLong, op, "counts");
-  TORCHMOE_CHECK_ARG(counts.size(0) == weight.size(0), op, "counts", "must have one entry per expert (",
-                     weight.size(0), "), got ", counts.size(0));
-  checks::check_same_device(x, weight, op, "x", "weight");
-  checks::check_same_device(x, counts, op, "x", "counts");
-}
-
 struct Prefix {
   at::Tensor ends, tile_ends, offs32;
 };
@@ -238,7 +223,7 @@ void launch_rows(const at::Tensor& a, const T* b, int64_t sbe, int64_t sbk, int6
 }
 
 at::Tensor grouped_mm_cuda(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& counts_in) {
-  check_grouped_mm_args("grouped_mm", x_in, weight_in, counts_in);
+  checks::check_grouped_mm_args(x_in, weight_in, counts_in);
   TORCHMOE_CUDA_SETUP(x_in);
   const at::Tensor x = x_in.contiguous();
   const at::Tensor weight = weight_in.contiguous();
@@ -258,12 +243,7 @@ at::Tensor grouped_mm_cuda(const at::Tensor& x_in, const at::Tensor& weight_in, 
 
 std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cuda(const at::Tensor& grad_in, const at::Tensor& x_in,
                                                             const at::Tensor& weight_in, const at::Tensor& counts_in) {
-  constexpr const char* op = "_grouped_mm_backward";
-  check_grouped_mm_args(op, x_in, weight_in, counts_in);
-  checks::check_dim(grad_in, 2, op, "grad_output");
-  TORCHMOE_CHECK_ARG(grad_in.size(0) == x_in.size(0) && grad_in.size(1) == weight_in.size(2), op, "grad_output",
-                     "must have shape [", x_in.size(0), ", ", weight_in.size(2), "], got ", grad_in.sizes());
-  checks::check_same_device(x_in, grad_in, op, "x", "grad_output");
+  checks::check_grouped_mm_backward_args(grad_in, x_in, weight_in, counts_in);
   TORCHMOE_CUDA_SETUP(x_in);
   const at::Tensor x = x_in.contiguous();
   const at::Tensor weight = weight_in.contiguous();

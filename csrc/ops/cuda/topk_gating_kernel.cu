@@ -520,6 +520,278 @@ __global__ void __launch_bounds__(BLOCK ? 1024 : 32 * kRowsPerWarpBlock)
   }
 }
 
+// ---------------------------------------------------------------------------------------------------
+// Fast path: 16-bit logits, no bias, one group, E <= 256 (VPT <= 8), k <= 32. A warp handles R rows at
+// a time and loads the next R rows before working on the current ones, so every warp keeps loads in
+// flight while it computes and the R rows' reduction chains interleave. Keys are built two at a time
+// from 32-bit words; a lane holding NaN, a zero or padding falls back to Key32::from_bits16. Results
+// are the same bits as the general kernel's (same keys, same order, same float expressions).
+constexpr int kFastWarps = 4;       // warps per block
+constexpr int kFastMaxVpt = 8;      // E <= 256
+constexpr int kFastMaxK = 32;       // one winner per lane
+constexpr int kFastUnrolledK = 8;   // k <= 8: rounds unrolled, list shifts trimmed
+
+template <int VPT>
+constexpr int fast_rows() {
+  return VPT >= 8 ? 2 : 4;
+}
+
+// Element s of a lane's chunk is the low (s even) or high (s odd) half of word s / 2.
+template <typename scalar_t, int VPT>
+__device__ __forceinline__ void load_words(const scalar_t* __restrict__ rowp, int e0, int E, bool wide,
+                                           uint32_t (&w)[(VPT + 1) / 2]) {
+  if (wide) {  // whole chunk in range, aligned to its size
+    using V = typename RawOf<VPT * 2>::type;
+    const V v = *reinterpret_cast<const V*>(rowp + e0);
+    if constexpr (VPT == 8) {
+      w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w;
+    } else if constexpr (VPT == 4) {
+      w[0] = v.x; w[1] = v.y;
+    } else {
+      w[0] = static_cast<uint32_t>(v);
+    }
+    return;
+  }
+#pragma unroll
+  for (int c = 0; c < (VPT + 1) / 2; ++c) w[c] = 0u;
+#pragma unroll
+  for (int s = 0; s < VPT; ++s) {
+    if (e0 + s < E) w[s / 2] |= static_cast<uint32_t>(rowp[e0 + s].x) << (16 * (s & 1));
+  }
+}
+
+template <int VPT>
+__device__ __forceinline__ uint32_t word_half(const uint32_t (&w)[(VPT + 1) / 2], int s) {
+  return (s & 1) ? (w[s / 2] >> 16) : (w[s / 2] & 0xffffu);
+}
+
+// Removes the head of a descending list when it won; positions >= KEEP are left stale (they cannot
+// reach the head in the rounds that remain). `keep` folds to a constant in unrolled rounds.
+template <int VPT>
+__device__ __forceinline__ void pop_head(uint32_t (&keys)[VPT], bool pop, int keep) {
+#pragma unroll
+  for (int s = 0; s < VPT; ++s) {
+    if (s < keep) keys[s] = pop ? (s + 1 < VPT ? keys[s + 1] : 0u) : keys[s];
+  }
+}
+
+template <typename scalar_t, int VPT, int R>
+__global__ void __launch_bounds__(32 * kFastWarps)
+    topk_gating_fwd_rows_kernel(const FwdParams<float> p) {
+  using K = Key32;
+  constexpr int NW = (VPT + 1) / 2;
+  constexpr uint32_t kInf = static_cast<uint32_t>(exp_inf_bits<scalar_t>());
+  const int lane = static_cast<int>(threadIdx.x & 31);
+  const int E = p.E, k = p.k;
+  const int e0 = lane * VPT;
+  const bool full = e0 + VPT <= E;
+  const bool wide = p.vec && full;
+  const bool stats = p.softmax && !p.renorm;  // weights need the softmax over the whole row
+  const scalar_t* __restrict__ logits = static_cast<const scalar_t*>(p.logits);
+
+  uint32_t lo[VPT];  // low half of each key: 0xffff - expert
+#pragma unroll
+  for (int s = 0; s < VPT; ++s) lo[s] = 0xffffu - static_cast<uint32_t>(e0 + s);
+
+  const int64_t ntasks = (p.rows + R - 1) / R;
+  const int64_t nwarps = static_cast<int64_t>(gridDim.x) * kFastWarps;
+  int64_t task = static_cast<int64_t>(blockIdx.x) * kFastWarps + (threadIdx.x >> 5);
+
+  auto load_task = [&](int64_t t, uint32_t (&w)[R][NW]) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int64_t row = t * R + r;
+      if (t < ntasks && row < p.rows) {
+        load_words<scalar_t, VPT>(logits + row * E, e0, E, wide, w[r]);
+      } else {
+#pragma unroll
+        for (int c = 0; c < NW; ++c) w[r][c] = 0u;
+      }
+    }
+  };
+
+  uint32_t cur[R][NW];
+  load_task(task, cur);
+  for (; task < ntasks; task += nwarps) {
+    uint32_t nxt[R][NW];
+    load_task(task + nwarps, nxt);  // in flight while this task is worked on
+
+    float vmax[R], vsum[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      vmax[r] = 0.f;
+      vsum[r] = 1.f;
+    }
+    if (stats) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        float m = -std::numeric_limits<float>::infinity();
+#pragma unroll
+        for (int s = 0; s < VPT; ++s) {
+          const float v = from_bits16<scalar_t>(static_cast<uint16_t>(word_half<VPT>(cur[r], s)));
+          if (e0 + s < E && gt_nan_first(v, m)) m = v;
+        }
+        vmax[r] = warp_max(m);
+      }
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        float sum = 0.f;
+#pragma unroll
+        for (int s = 0; s < VPT; ++s) {
+          const float v = from_bits16<scalar_t>(static_cast<uint16_t>(word_half<VPT>(cur[r], s)));
+          if (e0 + s < E) sum += exp_acc(v - vmax[r]);
+        }
+        vsum[r] = warp_sum(sum);
+      }
+    }
+
+    // Keys, as Key32::from_bits16 makes them.
+    uint32_t keys[R][VPT];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      bool slow = !full;
+      if constexpr (VPT >= 2) {
+        uint32_t spec = 0u;
+#pragma unroll
+        for (int c = 0; c < NW; ++c) {
+          const uint32_t x = cur[r][c];
+          const uint32_t a = x & 0x7fff7fffu;
+          // Bit 15 of a half: its magnitude is above infinity (NaN) or zero.
+          spec |= (a + (0x7fffu - kInf) * 0x10001u) | ~((a | 0x80008000u) - 0x10001u);
+          const uint32_t sg = x & 0x80008000u;
+          const uint32_t k16 = x ^ ((sg - (sg >> 15)) | 0x80008000u);  // negative: ~u, else u | 0x8000
+          keys[r][2 * c] = (k16 << 16) | lo[2 * c];
+          keys[r][2 * c + 1] = (k16 & 0xffff0000u) | lo[2 * c + 1];
+        }
+        slow = slow || (spec & 0x80008000u) != 0u;
+      } else {
+        slow = true;
+      }
+      if (slow) {
+#pragma unroll
+        for (int s = 0; s < VPT; ++s) {
+          keys[r][s] = (e0 + s < E) ? K::from_bits16<kInf>(word_half<VPT>(cur[r], s), e0 + s) : K::zero();
+        }
+      }
+    }
+
+    // Each lane's keys sorted descending (bitonic network).
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+#pragma unroll
+      for (int size = 2; size <= VPT; size <<= 1) {
+#pragma unroll
+        for (int stride = size / 2; stride > 0; stride >>= 1) {
+#pragma unroll
+          for (int i = 0; i < VPT; ++i) {
+            const int j = i ^ stride;
+            if (j > i) {
+              const bool desc = (i & size) == 0;
+              const uint32_t a = keys[r][i], b = keys[r][j];
+              keys[r][i] = desc ? max(a, b) : min(a, b);
+              keys[r][j] = desc ? min(a, b) : max(a, b);
+            }
+          }
+        }
+      }
+    }
+
+    // k rounds of argmax over the lanes' heads; lane j keeps round j's winner.
+    uint32_t mine[R], first[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) mine[r] = first[r] = 0u;
+    if (k <= kFastUnrolledK) {
+#pragma unroll
+      for (int j = 0; j < kFastUnrolledK; ++j) {
+        if (j >= k) break;
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          const uint32_t win = K::warp_max(keys[r][0]);
+          // After round j a list is read at positions < kFastUnrolledK - 1 - j at most.
+          pop_head<VPT>(keys[r], keys[r][0] == win, kFastUnrolledK - 1 - j);
+          if (j == 0) first[r] = win;
+          if (lane == j) mine[r] = win;
+        }
+      }
+    } else {
+      for (int j = 0; j < k; ++j) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          const uint32_t win = K::warp_max(keys[r][0]);
+          pop_head<VPT>(keys[r], keys[r][0] == win, VPT);
+          if (j == 0) first[r] = win;
+          if (lane == j) mine[r] = win;
+        }
+      }
+    }
+
+    // Weights from the winners' logits (decoded from the keys).
+    const bool have = lane < k;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int64_t row = task * R + r;
+      const float l = have ? plain_value<K, scalar_t>(mine[r]) : 0.f;
+      float w;
+      if (p.softmax && p.renorm) {
+        const float m = plain_value<K, scalar_t>(first[r]);
+        const float e = have ? exp_acc(l - m) : 0.f;
+        w = e / warp_sum(e);
+      } else if (p.softmax) {
+        w = exp_acc(l - vmax[r]) / vsum[r];
+      } else {
+        const float s = 1.f / (1.f + exp_acc(-l));
+        w = p.renorm ? s / warp_sum(have ? s : 0.f) : s;
+      }
+      if (have && row < p.rows) {
+        p.indices[row * k + lane] = K::index(mine[r]);
+        static_cast<scalar_t*>(p.weights)[row * k + lane] = static_cast<scalar_t>(w * p.scale);
+      }
+    }
+
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+#pragma unroll
+      for (int c = 0; c < NW; ++c) cur[r][c] = nxt[r][c];
+    }
+  }
+}
+
+// Launches the fast path when it applies; false otherwise.
+template <typename scalar_t>
+bool launch_fast_fwd(const FwdParams<acc_t<scalar_t>>& p0, int64_t E, int64_t k, bool plain, int64_t logits_align,
+                     cudaStream_t stream) {
+  if constexpr (sizeof(scalar_t) != 2) {
+    return false;
+  } else {
+    if (!plain || E > 32 * kFastMaxVpt || k > kFastMaxK) return false;
+    int vpt = 1;
+    while (vpt * 32 < E) vpt *= 2;
+    auto go = [&](auto vpt_tag) {
+      constexpr int VPT = decltype(vpt_tag)::value;
+      constexpr int R = fast_rows<VPT>();
+      FwdParams<float> p = p0;
+      p.scratch = nullptr;
+      p.scratch_bytes = 0;
+      p.vec = logits_align >= VPT * static_cast<int64_t>(sizeof(scalar_t));
+      auto kernel = topk_gating_fwd_rows_kernel<scalar_t, VPT, R>;
+      int per_sm = 0;
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, 32 * kFastWarps, 0));
+      const int64_t tasks = ceil_div(p.rows, R);
+      const int64_t grid = std::max<int64_t>(
+          1, std::min<int64_t>(ceil_div(tasks, kFastWarps), static_cast<int64_t>(num_sms()) * std::max(per_sm, 1)));
+      kernel<<<grid, 32 * kFastWarps, 0, stream>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    switch (vpt) {
+      case 1: go(std::integral_constant<int, 1>{}); break;
+      case 2: go(std::integral_constant<int, 2>{}); break;
+      case 4: go(std::integral_constant<int, 4>{}); break;
+      default: go(std::integral_constant<int, 8>{}); break;
+    }
+    return true;
+  }
+}
+
 struct LaunchShape {
   bool block;
   int vpt;
@@ -642,6 +914,10 @@ std::tuple<at::Tensor, at::Tensor> topk_gating_cuda(const at::Tensor& logits_in,
     p.renorm = renormalize;
     p.vec = common_vec_bytes(E * static_cast<int64_t>(sizeof(scalar_t)), {p.logits}) == 16;
     p.scale = static_cast<A>(scale);
+    if (launch_fast_fwd<scalar_t>(p, E, k, plain, common_vec_bytes(E * static_cast<int64_t>(sizeof(scalar_t)), {p.logits}),
+                                  stream)) {
+      return;
+    }
     auto launch = [&](auto key_tag) {
       using K = decltype(key_tag);
       const int64_t per_row =

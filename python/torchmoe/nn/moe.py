@@ -1,0 +1,295 @@
+"""Sparse Mixture-of-Experts layers on torchmoe's fused ops: :class:`MoE` and :class:`SwitchMoE`."""
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import losses, ops
+from .. import reference as _reference
+from .router import NoisyTopkRouter, TopkRouter
+
+__all__ = ["MoE", "SwitchMoE"]
+
+_ACTIVATIONS = ("swiglu", "relu", "gelu")
+
+
+class MoE(nn.Module):
+    """Sparse Mixture-of-Experts feed-forward layer.
+
+    Every token is scored by a router, sent to its ``k`` best experts, and the experts' outputs are summed
+    with the routing weights: ``y = sum_j w_j * expert_{e_j}(x)``. An expert is a two-layer MLP,
+    ``act(x @ up_proj[e]) @ down_proj[e]``, or SwiGLU, ``(silu(x @ gate_proj[e]) * (x @ up_proj[e])) @
+    down_proj[e]``, with no biases.
+
+    Two execution layouts (both run on the torchmoe ops, with no Python loop over experts):
+
+    - ``capacity_factor`` a float: every expert gets a buffer of ``capacity = torchmoe.capacity(T, E, k,
+      capacity_factor, min_capacity)`` rows; (token, choice) slots beyond an expert's capacity are dropped
+      (all first choices are queued before any second choice) and contribute zero to the output, so a token
+      whose every choice is dropped outputs zero (the caller's residual connection carries it).
+      route_plan -> dispatch into ``[E, capacity, d_model]`` -> batched matmuls -> combine.
+    - ``capacity_factor=None`` (dropless): nothing is dropped; routed rows are grouped by expert and the
+      experts run as grouped matmuls: route_plan -> dispatch -> :func:`torchmoe.grouped_mm` -> combine.
+
+    Args:
+        d_model: token width.
+        d_ff: expert hidden width.
+        num_experts: E.
+        k: experts per token.
+        capacity_factor: ``None`` for dropless routing, else the capacity factor.
+        activation: ``"swiglu"`` (has ``gate_proj``), ``"relu"`` or ``"gelu"`` (exact GELU).
+        router: ``"topk"`` (:class:`TopkRouter`) or ``"noisy"`` (:class:`NoisyTopkRouter`, softmax over the k
+            selected noisy logits; ``score_func``, ``renormalize``, ``use_expert_bias`` and the group options
+            do not apply to it).
+        score_func, renormalize, use_expert_bias, num_expert_groups, topk_expert_groups: passed to
+            :class:`TopkRouter`.
+        min_capacity: lower bound of the capacity.
+        aux_loss_weight: weight of the Switch load-balancing loss (and of the noisy router's load loss).
+        z_loss_weight: weight of the router z-loss.
+        impl: ``"fused"`` (the torchmoe ops) or ``"reference"`` (the same math through
+            :mod:`torchmoe.reference`; eager mode only, for comparisons and tests).
+
+    Attributes (after each forward):
+        aux_loss: 0-d float32 tensor, ``aux_loss_weight * switch_load_balancing_loss + z_loss_weight *
+            router_z_loss`` (``+ aux_loss_weight * router.load_loss`` with the noisy router). Add it to the
+            training loss.
+        expert_counts: int64 ``[E]``, (token, choice) assignments per expert before dropping. Feed it to
+            ``router.update_expert_bias`` when ``use_expert_bias=True``.
+        dropped_tokens: int64 0-d tensor, number of dropped (token, choice) slots (0 when dropless).
+
+    Parameters: ``router.weight``, ``gate_proj`` (SwiGLU only) and ``up_proj`` ``[E, d_model, d_ff]``,
+    ``down_proj`` ``[E, d_ff, d_model]``, all used as ``x @ W`` and initialised like ``nn.Linear``
+    (uniform with bound ``1/sqrt(fan_in)``).
+
+    Shape: ``x [..., d_model]`` -> ``y [..., d_model]`` (same dtype as the expert weights).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        num_experts: int,
+        k: int = 2,
+        capacity_factor: Optional[float] = None,
+        activation: str = "swiglu",
+        router: str = "topk",
+        score_func: str = "softmax",
+        renormalize: bool = True,
+        min_capacity: int = 0,
+        aux_loss_weight: float = 1e-2,
+        z_loss_weight: float = 1e-3,
+        use_expert_bias: bool = False,
+        impl: str = "fused",
+        num_expert_groups: int = 1,
+        topk_expert_groups: int = 1,
+    ) -> None:
+        super().__init__()
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"MoE: activation must be one of {_ACTIVATIONS}, got {activation!r}")
+        if impl not in ("fused", "reference"):
+            raise ValueError(f"MoE: impl must be 'fused' or 'reference', got {impl!r}")
+        if capacity_factor is not None and capacity_factor < 0:
+            raise ValueError(f"MoE: capacity_factor must be None or >= 0, got {capacity_factor}")
+        if not 0 < k <= num_experts:
+            raise ValueError(f"MoE: k must be in [1, num_experts={num_experts}], got {k}")
+        self.d_model = d_model
+        self.d_ff = d_ff
+        self.num_experts = num_experts
+        self.k = k
+        self.capacity_factor = None if capacity_factor is None else float(capacity_factor)
+        self.activation = activation
+        self.min_capacity = min_capacity
+        self.aux_loss_weight = aux_loss_weight
+        self.z_loss_weight = z_loss_weight
+        self.impl = impl
+        self.score_func = score_func if router == "topk" else "softmax"
+
+        if router == "topk":
+            self.router = TopkRouter(
+                d_model,
+                num_experts,
+                k,
+                score_func=score_func,
+                renormalize=renormalize,
+                use_expert_bias=use_expert_bias,
+                num_expert_groups=num_expert_groups,
+                topk_expert_groups=topk_expert_groups,
+            )
+        elif router == "noisy":
+            self.router = NoisyTopkRouter(d_model, num_experts, k)
+        else:
+            raise ValueError(f"MoE: router must be 'topk' or 'noisy', got {router!r}")
+
+        if activation == "swiglu":
+            self.gate_proj = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
+        else:
+            self.register_parameter("gate_proj", None)
+        self.up_proj = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
+
+        self.aux_loss = torch.zeros(())
+        self.expert_counts = torch.zeros(num_experts, dtype=torch.long)
+        self.dropped_tokens = torch.zeros((), dtype=torch.long)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        self.router.reset_parameters()
+        for w, fan_in in ((self.gate_proj, self.d_model), (self.up_proj, self.d_model), (self.down_proj, self.d_ff)):
+            if w is not None:
+                bound = 1.0 / math.sqrt(max(fan_in, 1))
+                nn.init.uniform_(w, -bound, bound)
+
+    def _act(self, h: Tensor) -> Tensor:
+        if self.activation == "relu":
+            return F.relu(h)
+        return F.gelu(h)
+
+    def _experts_batched(self, buf: Tensor) -> Tensor:
+        # buf [E, capacity, d_model] -> [E, capacity, d_model]
+        gate_proj = self.gate_proj
+        if gate_proj is not None:
+            h = F.silu(torch.bmm(buf, gate_proj)) * torch.bmm(buf, self.up_proj)
+        else:
+            h = self._act(torch.bmm(buf, self.up_proj))
+        return torch.bmm(h, self.down_proj)
+
+    def _experts_grouped(self, rows: Tensor, counts: Tensor) -> Tensor:
+        # rows [R, d_model] grouped by expert (counts [E]) -> [R, d_model]
+        gate_proj = self.gate_proj
+        if gate_proj is not None:
+            h = F.silu(ops.grouped_mm(rows, gate_proj, counts)) * ops.grouped_mm(rows, self.up_proj, counts)
+        else:
+            h = self._act(ops.grouped_mm(rows, self.up_proj, counts))
+        return ops.grouped_mm(h, self.down_proj, counts)
+
+    def _router_probs(self, logits: Tensor) -> Tensor:
+        if self.score_func == "sigmoid":
+            s = torch.sigmoid(logits)
+            return s / s.sum(-1, keepdim=True).clamp_min(1e-20)
+        return torch.softmax(logits, dim=-1)
+
+    def _aux_losses(self, logits: Tensor, indices: Tensor) -> Tensor:
+        aux = torch.zeros((), dtype=torch.float32, device=logits.device)
+        if self.aux_loss_weight != 0.0:
+            aux = aux + self.aux_loss_weight * losses.switch_load_balancing_loss(self._router_probs(logits), indices)
+        if self.z_loss_weight != 0.0:
+            aux = aux + self.z_loss_weight * losses.router_z_loss(logits)
+        if hasattr(self.router, "load_loss"):
+            if self.aux_loss_weight != 0.0 and self.training:
+                aux = aux + self.aux_loss_weight * self.router.load_loss
+        return aux
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.impl == "reference":
+            return self._forward_reference(x)
+        h = x.reshape(-1, self.d_model)
+        num_tokens = h.shape[0]
+        weights, indices, logits = self.router(h)
+        capacity_factor = self.capacity_factor
+        if capacity_factor is not None:
+            cap = ops.capacity(num_tokens, self.num_experts, self.k, capacity_factor, self.min_capacity)
+            dest, counts = ops.route_plan(indices, self.num_experts, cap)
+            buf = ops.dispatch(h, dest, self.num_experts * cap).view(self.num_experts, cap, self.d_model)
+            out = self._experts_batched(buf).view(self.num_experts * cap, self.d_model)
+            dropped = (dest < 0).sum()
+        else:
+            dest, counts = ops.route_plan(indices, self.num_experts, -1)
+            rows = ops.dispatch(h, dest, num_tokens * self.k)
+            out = self._experts_grouped(rows, counts)
+            dropped = torch.zeros((), dtype=torch.long, device=x.device)
+        y = ops.combine(out, dest, weights)
+        self.aux_loss = self._aux_losses(logits, indices)
+        self.expert_counts = counts
+        self.dropped_tokens = dropped
+        return y.view(x.shape)
+
+    @torch.jit.unused
+    def _forward_reference(self, x: Tensor) -> Tensor:
+        R = _reference
+        h = x.reshape(-1, self.d_model)
+        num_tokens = h.shape[0]
+        weights, indices, logits = self.router.forward_reference(h)
+        indices = indices.contiguous()  # reference.route_plan views it (dropless)
+        if self.capacity_factor is not None:
+            cap = ops.capacity(num_tokens, self.num_experts, self.k, self.capacity_factor, self.min_capacity)
+            dest, counts = R.route_plan(indices, self.num_experts, cap)
+            buf = R.dispatch(h, dest, self.num_experts * cap).view(self.num_experts, cap, self.d_model)
+            out = self._experts_batched(buf).view(self.num_experts * cap, self.d_model)
+            dropped = (dest < 0).sum()
+        else:
+            dest, counts = R.route_plan(indices, self.num_experts, -1)
+            rows = R.dispatch(h, dest, num_tokens * self.k)
+            if self.gate_proj is not None:
+                hid = F.silu(R.grouped_mm(rows, self.gate_proj, counts)) * R.grouped_mm(rows, self.up_proj, counts)
+            else:
+                hid = self._act(R.grouped_mm(rows, self.up_proj, counts))
+            out = R.grouped_mm(hid, self.down_proj, counts)
+            dropped = torch.zeros((), dtype=torch.long, device=x.device)
+        y = R.combine(out, dest, weights)
+        self.aux_loss = self._aux_losses(logits, indices)
+        self.expert_counts = counts
+        self.dropped_tokens = dropped
+        return y.view(x.shape)
+
+    def extra_repr(self) -> str:
+        s = f"d_model={self.d_model}, d_ff={self.d_ff}, num_experts={self.num_experts}, k={self.k}"
+        s += f", capacity_factor={self.capacity_factor}, activation={self.activation!r}"
+        if self.min_capacity:
+            s += f", min_capacity={self.min_capacity}"
+        s += f", aux_loss_weight={self.aux_loss_weight}, z_loss_weight={self.z_loss_weight}"
+        if self.impl != "fused":
+            s += f", impl={self.impl!r}"
+        return s
+
+
+class SwitchMoE(MoE):
+    """Switch Transformer layer (Fedus et al. 2021): top-1 routing with a capacity factor.
+
+    The chosen expert's output is scaled by its router probability (softmax over all experts, no
+    renormalisation), which is what lets the router learn; a token whose slot is dropped for capacity outputs
+    zero (the caller's residual connection carries it). The auxiliary loss is the Switch load-balancing loss
+    times ``aux_loss_weight`` (``alpha``; 1e-2 in the paper) plus an optional router z-loss (off by default:
+    it came later, with ST-MoE). ``aux_loss``, ``expert_counts`` and ``dropped_tokens`` as in :class:`MoE`.
+
+    Args:
+        d_model, d_ff, num_experts: as in :class:`MoE`.
+        capacity_factor: 1.25 by default; ``None`` for dropless routing.
+        activation: ``"relu"`` (the paper's FFN), ``"gelu"`` or ``"swiglu"``.
+        aux_loss_weight: ``alpha``.
+        z_loss_weight: router z-loss weight (0 by default).
+        min_capacity, use_expert_bias, impl: as in :class:`MoE`.
+
+    Shape: ``x [..., d_model]`` -> ``y [..., d_model]``.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        num_experts: int,
+        capacity_factor: Optional[float] = 1.25,
+        activation: str = "relu",
+        aux_loss_weight: float = 1e-2,
+        z_loss_weight: float = 0.0,
+        min_capacity: int = 0,
+        use_expert_bias: bool = False,
+        impl: str = "fused",
+    ) -> None:
+        super().__init__(
+            d_model,
+            d_ff,
+            num_experts,
+            k=1,
+            capacity_factor=capacity_factor,
+            activation=activation,
+            router="topk",
+            score_func="softmax",
+            renormalize=False,
+            min_capacity=min_capacity,
+            aux_loss_weight=aux_loss_weight,
+            z_loss_weight=z_loss_weight,
+            use_expert_bias=use_expert_bias,
+            impl=impl,
+        )

@@ -1,0 +1,83 @@
+// grouped_mm through the dispatcher (torchmoe::ops::grouped_mm) against per-expert at::mm, its backward
+// through torch::autograd::grad, and bad inputs.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <vector>
+
+#include "torchmoe.h"
+
+namespace {
+
+at::Tensor per_expert_mm(const at::Tensor& x, const at::Tensor& w, const std::vector<int64_t>& counts) {
+  std::vector<at::Tensor> outs;
+  int64_t row = 0;
+  for (size_t e = 0; e < counts.size(); ++e) {
+    outs.push_back(at::mm(x.narrow(0, row, counts[e]), w[e]));
+    row += counts[e];
+  }
+  return at::cat(outs, 0);
+}
+
+at::Tensor counts_tensor(const std::vector<int64_t>& counts) {
+  return torch::tensor(counts, torch::kLong);
+}
+
+int64_t total(const std::vector<int64_t>& counts) {
+  int64_t n = 0;
+  for (auto c : counts) n += c;
+  return n;
+}
+
+}  // namespace
+
+TEST(GroupedMM, MatchesPerExpertMatmul) {
+  torch::manual_seed(0);
+  for (const auto& counts : std::vector<std::vector<int64_t>>{{5}, {3, 0, 4}, {300, 1, 0, 257}, {0, 0, 0}}) {
+    const int64_t n = total(counts);
+    auto x = torch::randn({n, 24});
+    auto w = torch::randn({static_cast<int64_t>(counts.size()), 24, 17});
+    auto out = torchmoe::ops::grouped_mm(x, w, counts_tensor(counts));
+    ASSERT_EQ(out.sizes(), (std::vector<int64_t>{n, 17}));
+    EXPECT_TRUE(torch::allclose(out, per_expert_mm(x, w, counts), 1e-4, 1e-5));
+  }
+}
+
+TEST(GroupedMM, DoubleAndBFloat16) {
+  torch::manual_seed(1);
+  const std::vector<int64_t> counts{40, 0, 90, 7};
+  auto x = torch::randn({137, 16}, torch::kDouble);
+  auto w = torch::randn({4, 16, 8}, torch::kDouble);
+  auto expected = per_expert_mm(x, w, counts);
+  EXPECT_TRUE(torch::allclose(torchmoe::ops::grouped_mm(x, w, counts_tensor(counts)), expected, 1e-12, 1e-12));
+  auto out_bf16 = torchmoe::ops::grouped_mm(x.to(torch::kBFloat16), w.to(torch::kBFloat16), counts_tensor(counts));
+  EXPECT_EQ(out_bf16.scalar_type(), torch::kBFloat16);
+  EXPECT_TRUE(torch::allclose(out_bf16.to(torch::kDouble), expected, 3e-2, 1e-1));
+}
+
+TEST(GroupedMM, BackwardMatchesPerExpertMatmul) {
+  torch::manual_seed(2);
+  const std::vector<int64_t> counts{6, 0, 11, 3};
+  auto x = torch::randn({20, 9}, torch::requires_grad());
+  auto w = torch::randn({4, 9, 5}, torch::requires_grad());
+  auto grad = torch::randn({20, 5});
+  auto ours = torch::autograd::grad({torchmoe::ops::grouped_mm(x, w, counts_tensor(counts))}, {x, w}, {grad});
+  auto ref = torch::autograd::grad({per_expert_mm(x, w, counts)}, {x, w}, {grad});
+  EXPECT_TRUE(torch::allclose(ours[0], ref[0], 1e-4, 1e-5));
+  EXPECT_TRUE(torch::allclose(ours[1], ref[1], 1e-4, 1e-5));
+  EXPECT_TRUE(torch::all(ours[1][1] == 0).item<bool>());  // the expert without rows
+}
+
+TEST(GroupedMM, BadInputsThrow) {
+  auto x = torch::randn({5, 4});
+  auto w = torch::randn({2, 4, 3});
+  EXPECT_THROW(torchmoe::ops::grouped_mm(x, w, torch::tensor({2, 2}, torch::kLong)), c10::Error);  // sum != N
+  EXPECT_THROW(torchmoe::ops::grouped_mm(x, w, torch::tensor({-1, 6}, torch::kLong)), c10::Error);
+  EXPECT_THROW(torchmoe::ops::grouped_mm(x, w.narrow(1, 0, 3), torch::tensor({2, 3}, torch::kLong)), c10::Error);
+  try {
+    torchmoe::ops::grouped_mm(x, w, torch::tensor({2, 3}, torch::kInt));
+    FAIL() << "int32 counts accepted";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("'counts'"), std::string::npos) << e.what();
+  }
+}

@@ -1,0 +1,268 @@
+"""grouped_mm: against torchmoe.reference.grouped_mm (a loop of per-expert matmuls), every dtype,
+empty experts, edge-case counts, opcheck, gradcheck, TorchScript, torch.compile and bad inputs."""
+import pytest
+import torch
+
+import torchmoe
+from torchmoe import reference
+
+TOL = {
+    torch.float64: dict(atol=1e-10, rtol=1e-10),
+    torch.float32: dict(atol=1e-4, rtol=1e-4),
+    torch.bfloat16: dict(atol=5e-2, rtol=2e-2),
+    torch.float16: dict(atol=1e-2, rtol=1e-2),
+}
+
+
+def make(counts, d_in, d_out, dtype=torch.float32, seed=0, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.tensor(counts, dtype=torch.long)
+    n = int(counts.sum())
+    x = torch.randn(n, d_in, generator=g, dtype=torch.float64).to(dtype).requires_grad_(requires_grad)
+    w = torch.randn(len(counts), d_in, d_out, generator=g, dtype=torch.float64).to(dtype)
+    w = w.requires_grad_(requires_grad)
+    return x, w, counts
+
+
+def ref_fp64(x, w, counts):
+    return reference.grouped_mm(x.double(), w.double(), counts)
+
+
+COUNTS = [
+    [5],
+    [0],
+    [0, 0, 0],
+    [3, 0, 4],
+    [0, 7, 0, 0],
+    [1, 1, 1, 1, 1, 1, 1, 1],
+    [300, 0, 1, 257, 0, 64],
+    [1000, 0],
+    [0, 0, 513],
+]
+
+
+@pytest.mark.parametrize("counts", COUNTS)
+@pytest.mark.parametrize("dims", [(4, 5), (16, 1), (33, 70)])
+def test_matches_reference_float32(counts, dims):
+    x, w, c = make(counts, *dims)
+    out = torchmoe.grouped_mm(x, w, c)
+    assert out.shape == (x.shape[0], dims[1]) and out.dtype == x.dtype
+    torch.testing.assert_close(out, reference.grouped_mm(x, w, c), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_dtypes(dtype):
+    x, w, c = make([40, 0, 300, 7], 24, 40, dtype=dtype)
+    out = torchmoe.grouped_mm(x, w, c)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), ref_fp64(x, w, c), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_backward_matches_reference(dtype):
+    x, w, c = make([40, 0, 300, 7, 1], 24, 40, dtype=dtype, requires_grad=True)
+    grad = torch.randn(x.shape[0], 40, dtype=torch.float64).to(dtype)
+    gx, gw = torch.autograd.grad(torchmoe.grouped_mm(x, w, c), (x, w), grad)
+    xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    rx, rw = torch.autograd.grad(reference.grouped_mm(xr, wr, c), (xr, wr), grad.double())
+    tol = dict(TOL[dtype])
+    if dtype == torch.bfloat16:
+        tol = dict(atol=0.5, rtol=3e-2)  # grad_weight sums up to 300 bf16 products
+    torch.testing.assert_close(gx.double(), rx, **tol)
+    torch.testing.assert_close(gw.double(), rw, **tol)
+    assert gx.dtype == dtype and gw.dtype == dtype
+    assert torch.all(gw[1] == 0), "an expert without rows gets a zero gradient"
+
+
+def test_empty_inputs():
+    x, w, c = make([0, 0], 8, 3, requires_grad=True)
+    out = torchmoe.grouped_mm(x, w, c)
+    assert out.shape == (0, 3)
+    gx, gw = torch.autograd.grad(out.sum(), (x, w))
+    assert gx.shape == (0, 8) and torch.all(gw == 0)
+    # no experts at all
+    out = torchmoe.grouped_mm(torch.randn(0, 4), torch.randn(0, 4, 2), torch.zeros(0, dtype=torch.long))
+    assert out.shape == (0, 2)
+
+
+def test_zero_width():
+    x, w, c = make([3, 2], 0, 4, requires_grad=True)
+    out = torchmoe.grouped_mm(x, w, c)
+    assert out.shape == (5, 4) and torch.all(out == 0)
+    x, w, c = make([3, 2], 4, 0)
+    assert torchmoe.grouped_mm(x, w, c).shape == (5, 0)
+
+
+def test_non_contiguous_inputs():
+    x, w, c = make([7, 0, 20, 5], 12, 9)
+    x_nc = x.t().contiguous().t()  # same values, column-major
+    w_nc = w.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not x_nc.is_contiguous() and not w_nc.is_contiguous()
+    torch.testing.assert_close(torchmoe.grouped_mm(x_nc, w_nc, c), reference.grouped_mm(x, w, c))
+    wide = torch.randn(x.shape[0], 24)[:, ::2]
+    torch.testing.assert_close(torchmoe.grouped_mm(wide, w, c), reference.grouped_mm(wide, w, c))
+
+
+def test_deterministic_across_thread_counts():
+    x, w, c = make([700, 3, 0, 900], 64, 48, requires_grad=True)
+    grad = torch.randn(x.shape[0], 48)
+    results = []
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out = torchmoe.grouped_mm(x, w, c)
+            results.append((out, *torch.autograd.grad(out, (x, w), grad)))
+    finally:
+        torch.set_num_threads(old)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_meta_shapes():
+    x = torch.empty(10, 6, device="meta")
+    w = torch.empty(3, 6, 4, device="meta")
+    c = torch.empty(3, dtype=torch.long, device="meta")
+    assert torchmoe.grouped_mm(x, w, c).shape == (10, 4)
+    gx, gw = torch.ops.torchmoe._grouped_mm_backward(torch.empty(10, 4, device="meta"), x, w, c)
+    assert gx.shape == (10, 6) and gw.shape == (3, 6, 4)
+
+
+@pytest.mark.parametrize("counts", [[3, 0, 4], [0, 0], [6]])
+def test_opcheck(counts):
+    x, w, c = make(counts, 5, 3, requires_grad=True)
+    torch.library.opcheck(torch.ops.torchmoe.grouped_mm.default, (x, w, c))
+    grad = torch.randn(x.shape[0], 3)
+    torch.library.opcheck(torch.ops.torchmoe._grouped_mm_backward.default, (grad, x.detach(), w.detach(), c))
+
+
+def test_gradcheck_float64():
+    x, w, c = make([2, 0, 3, 1], 4, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: torchmoe.grouped_mm(a, b, c), (x, w))
+
+
+def test_torchscript():
+    @torch.jit.script
+    def f(x: torch.Tensor, w: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return torchmoe.grouped_mm(x, w, c) * 2.0
+
+    x, w, c = make([4, 0, 9], 6, 5)
+    torch.testing.assert_close(f(x, w, c), 2.0 * reference.grouped_mm(x, w, c))
+
+
+def test_compile_fullgraph_matches_eager():
+    def f(x, w1, w2, c):
+        return torchmoe.grouped_mm(torch.relu(torchmoe.grouped_mm(x, w1, c)), w2, c)
+
+    x, w1, c = make([9, 0, 14, 3], 8, 16, requires_grad=True)
+    w2 = torch.randn(4, 16, 8, requires_grad=True)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    for counts in ([9, 0, 14, 3], [1, 20, 0, 5]):  # same shapes, other counts: no recompile needed
+        c = torch.tensor(counts)
+        out_e = f(x, w1, w2, c)
+        out_c = compiled(x, w1, w2, c)
+        torch.testing.assert_close(out_c, out_e)
+        ge = torch.autograd.grad(out_e.sum(), (x, w1, w2))
+        gc = torch.autograd.grad(out_c.sum(), (x, w1, w2))
+        for a, b in zip(gc, ge):
+            torch.testing.assert_close(a, b)
+
+
+def test_compile_inductor():
+    x, w, c = make([5, 2, 0, 8], 8, 6)
+    compiled = torch.compile(lambda a, b, cc: torch.tanh(torchmoe.grouped_mm(a, b, cc)), fullgraph=True)
+    torch.testing.assert_close(compiled(x, w, c), torch.tanh(reference.grouped_mm(x, w, c)))
+
+
+# --- bad inputs: one test per check, each naming the argument ----------------------------------------
+
+
+def good():
+    return make([2, 3], 4, 5)
+
+
+def test_bad_x_dim():
+    x, w, c = good()
+    with pytest.raises(RuntimeError, match="'x'.*2-D"):
+        torchmoe.grouped_mm(x.reshape(-1), w, c)
+
+
+def test_bad_x_dtype():
+    x, w, c = good()
+    with pytest.raises(RuntimeError, match="'x'.*float"):
+        torchmoe.grouped_mm(x.long(), w.long(), c)
+
+
+def test_bad_weight_dim():
+    x, w, c = good()
+    with pytest.raises(RuntimeError, match="'weight'.*3-D"):
+        torchmoe.grouped_mm(x, w[0], c)
+
+
+def test_bad_weight_dtype():
+    x, w, c = good()
+    with pytest.raises(RuntimeError, match="'weight'.*dtype"):
+        torchmoe.grouped_mm(x, w.double(), c)
+
+
+def test_bad_weight_d_in():
+    x, w, c = good()
+    with pytest.raises(RuntimeError, match="'weight'.*d_in"):
+        torchmoe.grouped_mm(x, w[:, :3], c)
+
+
+def test_bad_counts_dtype():
+    x, w, c = good()
+    with pytest.raises(RuntimeError, match="'counts'.*Long"):
+        torchmoe.grouped_mm(x, w, c.int())
+
+
+def test_bad_counts_dim():
+    x, w, c = good()
+    with pytest.raises(RuntimeError, match="'counts'.*1-D"):
+        torchmoe.grouped_mm(x, w, c.view(1, 2))
+
+
+def test_bad_counts_size():
+    x, w, c = good()
+    with pytest.raises(RuntimeError, match="'counts'.*one entry per expert"):
+        torchmoe.grouped_mm(x, w, torch.tensor([2, 3, 0]))
+
+
+def test_bad_counts_negative():
+    x, w, _ = good()
+    with pytest.raises(RuntimeError, match="'counts'.*non-negative"):
+        torchmoe.grouped_mm(x, w, torch.tensor([-1, 6]))
+
+
+@pytest.mark.parametrize("counts", [[2, 2], [5, 1], [0, 0]])
+def test_bad_counts_sum(counts):
+    x, w, _ = good()
+    with pytest.raises(RuntimeError, match="'counts'.*sum to x.size"):
+        torchmoe.grouped_mm(x, w, torch.tensor(counts))
+
+
+def test_bad_counts_sum_backward():
+    x, w, _ = good()
+    with pytest.raises(RuntimeError, match="'counts'.*sum to x.size"):
+        torch.ops.torchmoe._grouped_mm_backward(torch.randn(5, 5), x, w, torch.tensor([1, 1]))
+
+
+def test_bad_counts_sum_meta_is_not_checked_but_shapes_are():
+    # Meta kernels only see shapes: they reject the same shape errors as the CPU kernel.
+    x = torch.empty(5, 4, device="meta")
+    w = torch.empty(2, 4, 5, device="meta")
+    with pytest.raises(RuntimeError, match="'counts'.*one entry per expert"):
+        torchmoe.grouped_mm(x, w, torch.empty(3, dtype=torch.long, device="meta"))
+
+
+def test_bad_grad_output_shape():
+    x, w, c = good()
+    with pytest.raises(RuntimeError, match="'grad_output'.*shape"):
+        torch.ops.torchmoe._grouped_mm_backward(torch.randn(5, 4), x, w, c)
+
+
+def test_bad_device():
+    x, w, c = good()
+    with pytest.raises(RuntimeError, match="'x' and 'weight'.*same device"):
+        torchmoe.grouped_mm(x, w.to("meta"), c)
