@@ -42,12 +42,13 @@ def expert_load_table(counts: Tensor, dropped: Tensor, assignments: int, what: s
 
 
 def compare_text(res, ref, layer_ms: Dict[str, float], tokens: int) -> str:
-    speedup = res.tokens_per_s / ref.tokens_per_s
+    speedup = res.median_tokens_per_s / ref.median_tokens_per_s
     diff = max((abs(a - b) for a, b in zip(res.train_loss, ref.train_loss)), default=0.0)
     return "\n".join(
         [
-            f"whole training step : torchmoe {res.tokens_per_s:,.0f} tokens/s, reference {ref.tokens_per_s:,.0f} "
-            f"tokens/s -> {speedup:.2f}x",
+            f"whole training step : torchmoe {res.median_tokens_per_s:,.0f} tokens/s, reference "
+            f"{ref.median_tokens_per_s:,.0f} tokens/s (median step) -> {speedup:.2f}x "
+            f"[means: {res.tokens_per_s:,.0f} vs {ref.tokens_per_s:,.0f}]",
             f"one MoE layer alone : forward+backward of {tokens} tokens: torchmoe {layer_ms['fused']:.2f} ms, "
             f"reference {layer_ms['reference']:.2f} ms -> {layer_ms['reference'] / layer_ms['fused']:.2f}x",
             f"same training       : final held-out loss torchmoe {res.eval_heldout[-1]:.4f}, reference "

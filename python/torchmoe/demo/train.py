@@ -144,9 +144,17 @@ class RunResult:
     assignments: int = 0  # per layer: steps * tokens * k
     tokens_per_step: int = 0
 
+    step_times: List[float] = field(default_factory=list)
+
     @property
     def tokens_per_s(self) -> float:
         return self.timed_tokens / self.timed_time if self.timed_time > 0 else float("nan")
+
+    @property
+    def median_tokens_per_s(self) -> float:
+        """Tokens per second of the median step: robust to other programs' bursts on a shared machine."""
+        times = sorted(self.step_times[TIMING_SKIP:] if len(self.step_times) > 2 * TIMING_SKIP else self.step_times)
+        return self.tokens_per_step / times[len(times) // 2] if times else float("nan")
 
 
 class _NoBar:
@@ -253,6 +261,7 @@ def train(
         dt = time.perf_counter() - t0
         step += 1
         res.train_time += dt
+        res.step_times.append(dt)
         if step > TIMING_SKIP or (max_steps is not None and max_steps <= 2 * TIMING_SKIP):
             res.timed_tokens += tokens_per_step
             res.timed_time += dt
@@ -292,10 +301,10 @@ def moe_layer_speed(cfg: ModelConfig, tokens: int, device: torch.device, repeats
     layers = {impl: make_moe_layer(replace(cfg, impl=impl)).to(device) for impl in ("fused", "reference")}
     layers["reference"].load_state_dict(layers["fused"].state_dict())
     x = torch.randn(tokens, cfg.n_embed, device=device)
-    out = {}
-    for impl, layer in layers.items():
-        times = []
-        for i in range(repeats + 3):
+    times: Dict[str, List[float]] = {impl: [] for impl in layers}
+    # Alternate the two so that a busy spell on the machine hits both alike.
+    for i in range(repeats + 3):
+        for impl, layer in layers.items():
             xi = x.detach().requires_grad_(True)
             _sync(device)
             t0 = time.perf_counter()
@@ -303,9 +312,8 @@ def moe_layer_speed(cfg: ModelConfig, tokens: int, device: torch.device, repeats
             (y.square().mean() + layer.aux_loss).backward()
             _sync(device)
             if i >= 3:
-                times.append(time.perf_counter() - t0)
-        out[impl] = 1e3 * sorted(times)[len(times) // 2]
-    return out
+                times[impl].append(time.perf_counter() - t0)
+    return {impl: 1e3 * sorted(t)[len(t) // 2] for impl, t in times.items()}
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -470,7 +478,9 @@ def _run(args: argparse.Namespace) -> int:
         print(report.compare_text(res, ref, layer_ms, args.batch_size * cfg.block_size))
         metrics["compare"] = {
             "reference_tokens_per_s": ref.tokens_per_s,
-            "speedup": res.tokens_per_s / ref.tokens_per_s,
+            "median_step_tokens_per_s": res.median_tokens_per_s,
+            "reference_median_step_tokens_per_s": ref.median_tokens_per_s,
+            "speedup": res.median_tokens_per_s / ref.median_tokens_per_s,
             "reference_final_train_loss": ref.eval_train[-1],
             "reference_final_heldout_loss": ref.eval_heldout[-1],
             "moe_layer_ms": layer_ms,
