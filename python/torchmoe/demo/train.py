@@ -148,7 +148,10 @@ class RunResult:
 
     @property
     def tokens_per_s(self) -> float:
-        return self.timed_tokens / self.timed_time if self.timed_time > 0 else float("nan")
+        if self.timed_time > 0:
+            return self.timed_tokens / self.timed_time
+        # Too few steps to leave the first ones out.
+        return self.steps * self.tokens_per_step / self.train_time if self.train_time > 0 else float("nan")
 
     @property
     def median_tokens_per_s(self) -> float:
