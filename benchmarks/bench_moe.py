@@ -66,18 +66,23 @@ def per_expert_loop(moe: MoE, x: torch.Tensor, experts=None) -> torch.Tensor:
     return y.view(x.shape)
 
 
-def median_times(fns, reps: int, warmup: int = 1):
-    """Median seconds of each callable; the variants run in turn within every repeat, so load from other
-    processes on a shared machine hits them alike."""
-    for fn in fns.values():
+def median_times(fns, reps: int, warmup: int = 1, min_time: float = 0.05):
+    """Median seconds per call of each callable. The variants run in turn within every repeat, so load from
+    other processes on a shared machine hits them alike; short calls are repeated within a measurement."""
+    inner = {}
+    for name, fn in fns.items():
         for _ in range(warmup):
             fn()
+        start = time.perf_counter()
+        fn()
+        inner[name] = max(1, int(min_time / max(time.perf_counter() - start, 1e-6)))
     samples = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
             start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
+            for _ in range(inner[name]):
+                fn()
+            samples[name].append((time.perf_counter() - start) / inner[name])
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
@@ -93,6 +98,7 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile(fused, fullgraph=True)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -123,11 +129,13 @@ def main() -> None:
             "loop-list": lambda t: per_expert_loop(fused, t, experts),
             "ref": ref,
         }
+        if args.compile:
+            variants["compiled"] = torch.compile(fused, fullgraph=True)
 
         with torch.no_grad():
             outs = {name: fn(x) for name, fn in variants.items()}
         tol = 1e-3 if dtype == torch.float32 else 5e-2
-        for name in ("loop", "loop-list", "ref"):
+        for name in [v for v in variants if v != "fused"]:
             torch.testing.assert_close(outs[name], outs["fused"], rtol=tol, atol=tol, msg=f"{name} disagrees")
 
         mode = f"capacity cf={cf}" if cf is not None else "dropless"
@@ -152,6 +160,8 @@ def main() -> None:
                 f"{times['loop-list'] * 1e3:>10.1f}{times['ref'] * 1e3:>10.1f}"
                 f"{times['loop'] / times['fused']:>8.2f}x{times['loop-list'] / times['fused']:>8.2f}x"
                 f"{times['ref'] / times['fused']:>7.2f}x"
+                + (f"   compiled {times['compiled'] * 1e3:.1f} ms ({times['loop'] / times['compiled']:.2f}x loop)"
+                   if "compiled" in times else "")
             )
         if cf is not None:
             print(f"{'':<22}(capacity {torchmoe.capacity(args.tokens, args.experts, args.k, cf)}, "

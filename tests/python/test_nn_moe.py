@@ -11,6 +11,16 @@ import torchmoe
 from torchmoe import losses
 from torchmoe.nn import MoE, NoisyTopkRouter, SwitchMoE, TopkRouter
 
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    # Every test compiles MoE.forward for new module instances: start each from an empty code cache so the
+    # recompile limit counts one test's compilations only.
+    torch._dynamo.reset()
+    yield
+
+
 # ------------------------------------------------------------------------------------------ references
 
 
@@ -559,3 +569,16 @@ def test_scripted_moe_runs_in_fresh_process(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "fresh-process-ok" in result.stdout
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 1.25])
+def test_compile_dynamic_shapes(capacity_factor):
+    torch.manual_seed(0)
+    moe = MoE(16, 32, 4, k=2, capacity_factor=capacity_factor, activation="relu")
+    compiled = torch.compile(moe, fullgraph=True, dynamic=True, backend="aot_eager")
+    for T in (10, 23, 64):
+        x = torch.randn(T, 16)
+        expected = moe(x)
+        counts, dropped = moe.expert_counts.clone(), moe.dropped_tokens.clone()
+        torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-6)
+        assert torch.equal(moe.expert_counts, counts) and torch.equal(moe.dropped_tokens, dropped)

@@ -211,7 +211,6 @@ class MoE(nn.Module):
         h = x.reshape(-1, self.d_model)
         num_tokens = h.shape[0]
         weights, indices, logits = self.router.forward_reference(h)
-        indices = indices.contiguous()  # reference.route_plan views it (dropless)
         if self.capacity_factor is not None:
             cap = ops.capacity(num_tokens, self.num_experts, self.k, self.capacity_factor, self.min_capacity)
             dest, counts = R.route_plan(indices, self.num_experts, cap)
