@@ -140,12 +140,10 @@ def _compile(fn, enabled: bool):
     return torch.compile(fn, dynamic=False)
 
 
-def build_cases(device: torch.device, quick: bool, use_compile: bool) -> List[Case]:
+def _routing_cases(device: torch.device, gen: torch.Generator, quick: bool, use_compile: bool) -> List[Case]:
+    """topk_gating, and route_plan on the routing it produces (capacity factor 1.25)."""
     gpu = device.type == "cuda"
     cases: List[Case] = []
-    gen = torch.Generator(device="cpu").manual_seed(0)
-
-    # topk_gating
     T, E, k = (65536, 256, 8) if gpu else (65536, 64, 2)
     if quick:
         T = 4096
@@ -177,8 +175,13 @@ def build_cases(device: torch.device, quick: bool, use_compile: bool) -> List[Ca
                       ref=lambda: reference.route_plan(indices, E, cap),
                       eager=lambda: sort_plan_composite(indices, E, cap),
                       compiled=(lambda: c_plan(indices, E, cap)) if c_plan else None))
+    return cases
 
-    # dispatch / combine on a dropless plan
+
+def _dispatch_cases(device: torch.device, gen: torch.Generator, quick: bool, use_compile: bool) -> List[Case]:
+    """dispatch / combine on a dropless plan."""
+    gpu = device.type == "cuda"
+    cases: List[Case] = []
     T, d, k, E = (65536, 4096, 8, 256) if gpu else (16384, 1024, 2, 64)
     if quick:
         T = 2048
@@ -223,8 +226,13 @@ def build_cases(device: torch.device, quick: bool, use_compile: bool) -> List[Ca
                       ref=chain_bwd(reference.dispatch, reference.combine),
                       eager=chain_bwd(dispatch_composite, combine_composite),
                       compiled=chain_bwd(c_disp, c_comb) if c_disp else None))
+    return cases
 
-    # grouped_mm over the same dropless layout (a small FFN projection)
+
+def _grouped_mm_cases(device: torch.device, gen: torch.Generator, quick: bool) -> List[Case]:
+    """grouped_mm over a dropless layout (one FFN projection)."""
+    gpu = device.type == "cuda"
+    cases: List[Case] = []
     if torch._C._dispatch_has_kernel_for_dispatch_key("torchmoe::grouped_mm", device.type.upper()):
         T, E, k, d_in, d_out = (16384, 64, 8, 2048, 1024) if gpu else (8192, 8, 2, 512, 1024)
         if quick:
@@ -245,6 +253,12 @@ def build_cases(device: torch.device, quick: bool, use_compile: bool) -> List[Ca
                           ours=_fwd_bwd(lambda a, b: torchmoe.grouped_mm(a, b, counts), [xgl, wgl]),
                           ref=_fwd_bwd(lambda a, b: reference.grouped_mm(a, b, counts), [xgl, wgl])))
     return cases
+
+
+def build_cases(device: torch.device, quick: bool, use_compile: bool) -> List[Case]:
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    return (_routing_cases(device, gen, quick, use_compile) + _dispatch_cases(device, gen, quick, use_compile)
+            + _grouped_mm_cases(device, gen, quick))
 
 
 def _fmt_ms(t: Optional[float]) -> str:
