@@ -1,0 +1,37 @@
+"""The op benchmark: its plain-PyTorch composites compute what the ops compute (so the ratios compare
+like with like), and a quick run prints the full table."""
+import torch
+
+import torchmoe
+from torchmoe import bench
+
+
+def test_composites_match_the_ops():
+    logits = torch.randn(300, 16)
+    logits[:, :2] += 1.5  # popular experts, so the capacity drops tokens
+    w, i = torchmoe.topk_gating(logits, 3)
+    cw, ci = bench.topk_softmax_composite(logits, 3)
+    torch.testing.assert_close(cw, w)
+    assert torch.equal(ci, i)
+
+    cap = torchmoe.capacity(300, 16, 3, 1.25)
+    dest, counts = torchmoe.route_plan(i, 16, cap)
+    cdest, ccounts = bench.sort_plan_composite(i, 16, cap)
+    assert torch.equal(cdest, dest) and torch.equal(ccounts, counts)
+    assert (dest < 0).any()  # the case drops tokens
+
+    x = torch.randn(300, 8)
+    rows = 16 * cap
+    torch.testing.assert_close(bench.dispatch_composite(x, dest, rows), torchmoe.dispatch(x, dest, rows))
+    expert_out = torch.randn(rows, 8)
+    torch.testing.assert_close(bench.combine_composite(expert_out, dest, w),
+                               torchmoe.combine(expert_out, dest, w))
+
+
+def test_quick_run_prints_every_op(capsys):
+    cases = bench.run(["--quick", "--no-compile", "--reps", "1"])
+    out = capsys.readouterr().out
+    for op in ("topk_gating", "route_plan", "dispatch", "combine", "dispatch+combine", "grouped_mm"):
+        assert f"| {op} |" in out
+    assert all(c.times["ours"] > 0 for c in cases)
+    assert "plain copy" in out
