@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from .. import losses, ops
 from .. import reference as _reference
-from .router import NoisyTopkRouter, TopkRouter
+from .router import make_router
 
 __all__ = ["MoE", "SwitchMoE"]
 
@@ -106,21 +106,10 @@ class MoE(nn.Module):
         self.impl = impl
         self.score_func = score_func if router == "topk" else "softmax"
 
-        if router == "topk":
-            self.router = TopkRouter(
-                d_model,
-                num_experts,
-                k,
-                score_func=score_func,
-                renormalize=renormalize,
-                use_expert_bias=use_expert_bias,
-                num_expert_groups=num_expert_groups,
-                topk_expert_groups=topk_expert_groups,
-            )
-        elif router == "noisy":
-            self.router = NoisyTopkRouter(d_model, num_experts, k)
-        else:
-            raise ValueError(f"MoE: router must be 'topk' or 'noisy', got {router!r}")
+        self.router = make_router(
+            router, d_model, num_experts, k, score_func, renormalize, use_expert_bias,
+            num_expert_groups, topk_expert_groups, owner="MoE",
+        )
 
         if activation == "swiglu":
             self.gate_proj = nn.Parameter(torch.empty(num_experts, d_model, d_ff))

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from .. import losses
 from ..ops import capacity, combine, dispatch, grouped_mm, route_plan
-from .router import NoisyTopkRouter, TopkRouter
+from .router import make_router
 
 
 class MoLE(nn.Module):
@@ -106,21 +106,10 @@ class MoLE(nn.Module):
         self.z_loss_weight = float(z_loss_weight)
         self.score_func = score_func if router == "topk" else "softmax"
 
-        if router == "topk":
-            self.router = TopkRouter(
-                d_model,
-                num_experts,
-                k,
-                score_func=score_func,
-                renormalize=renormalize,
-                use_expert_bias=use_expert_bias,
-                num_expert_groups=num_expert_groups,
-                topk_expert_groups=topk_expert_groups,
-            )
-        elif router == "noisy":
-            self.router = NoisyTopkRouter(d_model, num_experts, k)
-        else:
-            raise ValueError(f"MoLE: router must be 'topk' or 'noisy', got {router!r}")
+        self.router = make_router(
+            router, d_model, num_experts, k, score_func, renormalize, use_expert_bias,
+            num_expert_groups, topk_expert_groups, owner="MoLE",
+        )
         self.router.to(device=device)  # router math is float32 whatever the experts' dtype
 
         G, E = self.num_groups, num_experts

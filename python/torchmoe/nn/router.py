@@ -215,3 +215,32 @@ class NoisyTopkRouter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, num_experts={self.num_experts}, k={self.k}, noise_eps={self.noise_eps}"
+
+
+def make_router(
+    router: str,
+    d_model: int,
+    num_experts: int,
+    k: int,
+    score_func: str = "softmax",
+    renormalize: bool = True,
+    use_expert_bias: bool = False,
+    num_expert_groups: int = 1,
+    topk_expert_groups: int = 1,
+    owner: str = "MoE",
+) -> nn.Module:
+    """The router a layer asks for by name: ``"topk"`` (:class:`TopkRouter`) or ``"noisy"`` (:class:`NoisyTopkRouter`)."""
+    if router == "topk":
+        return TopkRouter(
+            d_model,
+            num_experts,
+            k,
+            score_func=score_func,
+            renormalize=renormalize,
+            use_expert_bias=use_expert_bias,
+            num_expert_groups=num_expert_groups,
+            topk_expert_groups=topk_expert_groups,
+        )
+    if router == "noisy":
+        return NoisyTopkRouter(d_model, num_experts, k)
+    raise ValueError(f"{owner}: router must be 'topk' or 'noisy', got {router!r}")
