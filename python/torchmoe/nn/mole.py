@@ -7,9 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import losses
 from ..ops import capacity, combine, dispatch, grouped_mm, route_plan
-from .router import make_router
+from .router import make_router, router_aux_loss
 
 
 class MoLE(nn.Module):
@@ -192,23 +191,13 @@ class MoLE(nn.Module):
         self.dropped_tokens = dropped
         return y.view(x.shape)
 
-    def _router_probs(self, logits: Tensor) -> Tensor:
-        if self.score_func == "sigmoid":
-            s = torch.sigmoid(logits)
-            return s / s.sum(-1, keepdim=True).clamp_min(1e-20)
-        return torch.softmax(logits, dim=-1)
-
     def _aux_losses(self, logits: Tensor, indices: Tensor) -> Tensor:
         # The same objective as MoE's, so a converted layer keeps training the way it was trained.
-        aux = torch.zeros((), dtype=torch.float32, device=logits.device)
-        if self.aux_loss_weight != 0.0:
-            aux = aux + self.aux_loss_weight * losses.switch_load_balancing_loss(self._router_probs(logits), indices)
-        if self.z_loss_weight != 0.0:
-            aux = aux + self.z_loss_weight * losses.router_z_loss(logits)
+        load_loss: Optional[Tensor] = None
         if hasattr(self.router, "load_loss"):
-            if self.aux_loss_weight != 0.0 and self.training:
-                aux = aux + self.aux_loss_weight * self.router.load_loss
-        return aux
+            if self.training:
+                load_loss = self.router.load_loss
+        return router_aux_loss(logits, indices, self.score_func, self.aux_loss_weight, self.z_loss_weight, load_loss)
 
     # ------------------------------------------------------------------------------------------
     def expert_weights(self) -> Tuple[Tensor, Tensor]:

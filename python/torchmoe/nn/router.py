@@ -244,3 +244,29 @@ def make_router(
     if router == "noisy":
         return NoisyTopkRouter(d_model, num_experts, k)
     raise ValueError(f"{owner}: router must be 'topk' or 'noisy', got {router!r}")
+
+
+def router_aux_loss(
+    logits: Tensor,
+    indices: Tensor,
+    score_func: str,
+    aux_loss_weight: float,
+    z_loss_weight: float,
+    load_loss: Optional[Tensor] = None,
+) -> Tensor:
+    """A sparse layer's weighted auxiliary loss: Switch load balancing on the router probabilities (sigmoid
+    scores normalised per token, or the softmax), plus the router z-loss, plus the noisy router's load loss
+    (given only in training) under the load-balancing weight."""
+    aux = torch.zeros((), dtype=torch.float32, device=logits.device)
+    if aux_loss_weight != 0.0:
+        if score_func == "sigmoid":
+            s = torch.sigmoid(logits)
+            probs = s / s.sum(-1, keepdim=True).clamp_min(1e-20)
+        else:
+            probs = torch.softmax(logits, dim=-1)
+        aux = aux + aux_loss_weight * losses.switch_load_balancing_loss(probs, indices)
+    if z_loss_weight != 0.0:
+        aux = aux + z_loss_weight * losses.router_z_loss(logits)
+    if load_loss is not None and aux_loss_weight != 0.0:
+        aux = aux + aux_loss_weight * load_loss
+    return aux
