@@ -1,5 +1,9 @@
 """grouped_mm: against torchmoe.reference.grouped_mm (a loop of per-expert matmuls), every dtype,
 empty experts, edge-case counts, opcheck, gradcheck, TorchScript, torch.compile and bad inputs."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -117,6 +121,70 @@ def test_deterministic_across_thread_counts():
         torch.set_num_threads(old)
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+# float32 on an AVX-512 CPU runs torchmoe's blocked GEMM: 256-deep reduction blocks, 240-row and 1024-column
+# blocks, 12 x 32 tiles. These shapes cross every block and tile edge, in forward and in both backward products.
+@pytest.mark.parametrize("counts,d_in,d_out", [
+    ([245, 0, 13, 600], 300, 40),
+    ([37, 250], 7, 1100),
+    ([1, 12, 13, 31, 33], 513, 65),
+])
+def test_float32_block_edges_forward_backward(counts, d_in, d_out):
+    x, w, c = make(counts, d_in, d_out, requires_grad=True)
+    grad = torch.randn(x.shape[0], d_out, dtype=torch.float64)
+    out = torchmoe.grouped_mm(x, w, c)
+    gx, gw = torch.autograd.grad(out, (x, w), grad.float())
+    xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = reference.grouped_mm(xr, wr, c)
+    rx, rw = torch.autograd.grad(ref, (xr, wr), grad)
+    tol = dict(atol=2e-3, rtol=1e-4)  # sums of up to 600 float32 products of N(0, 1) values
+    torch.testing.assert_close(out.double(), ref, **tol)
+    torch.testing.assert_close(gx.double(), rx, **tol)
+    torch.testing.assert_close(gw.double(), rw, **tol)
+
+
+def test_float32_results_do_not_depend_on_thread_count():
+    # The work is cut into blocks sized to the thread count; every result bit must stay the same.
+    x, w, c = make([500, 3, 0, 900, 77], 300, 200, requires_grad=True)
+    grad = torch.randn(x.shape[0], 200)
+    results = []
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3, 5):
+            torch.set_num_threads(threads)
+            out = torchmoe.grouped_mm(x, w, c)
+            results.append((out, *torch.autograd.grad(out, (x, w), grad)))
+    finally:
+        torch.set_num_threads(old)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+def test_float32_without_avx512_kernel():
+    # TORCHMOE_DISABLE_AVX512=1 switches float32 to the BLAS path (as on CPUs without AVX-512).
+    code = """
+import torch, torchmoe
+from torchmoe import reference
+g = torch.Generator().manual_seed(0)
+c = torch.tensor([300, 0, 41])
+x = torch.randn(341, 70, generator=g, requires_grad=True)
+w = torch.randn(3, 70, 90, generator=g, requires_grad=True)
+grad = torch.randn(341, 90, generator=g)
+out = torchmoe.grouped_mm(x, w, c)
+gx, gw = torch.autograd.grad(out, (x, w), grad)
+rx, rw = torch.autograd.grad(reference.grouped_mm(x, w, c), (x, w), grad)
+torch.testing.assert_close(out, reference.grouped_mm(x, w, c), atol=1e-4, rtol=1e-4)
+torch.testing.assert_close(gx, rx, atol=1e-3, rtol=1e-4)
+torch.testing.assert_close(gw, rw, atol=1e-3, rtol=1e-4)
+assert torch.all(gw[1] == 0)
+print("ok")
+"""
+    env = dict(os.environ, TORCHMOE_DISABLE_AVX512="1")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
 
 
 def test_meta_shapes():

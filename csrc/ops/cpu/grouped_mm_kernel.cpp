@@ -1,6 +1,8 @@
-// grouped_mm on CPU: one BLAS GEMM per (expert, block) task, tasks spread over threads with
-// at::parallel_for. Blocks have a fixed size, so every output element comes from the same GEMM call
-// whatever the thread count. counts is read on the host (it already lives there on CPU).
+// grouped_mm on CPU: each expert's product is cut into blocks, and threads take blocks from a shared counter
+// (at::parallel_for workers). float32 on a CPU with AVX-512 runs torchmoe's own GEMM (sgemm.h), whose result
+// does not depend on how a product is cut, so blocks are sized to the thread count; other dtypes run one
+// BLAS call (at::mm_out) per fixed-size block, so every output element comes from the same call whatever
+// the thread count. counts is read on the host (it already lives there on CPU).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
@@ -11,6 +13,7 @@
 #include <vector>
 
 #include "ops/common/grouped_mm_checks.h"
+#include "ops/cpu/sgemm.h"
 
 namespace torchmoe::ops {
 namespace {
@@ -58,8 +61,8 @@ std::vector<Task> row_tasks(const std::vector<int64_t>& offsets, int64_t block) 
 // uneven tasks (experts of different sizes, grad_x next to grad_weight blocks) still balance; which thread
 // runs a task never changes its result. The workers get the caller's thread-local state (dispatch key
 // exclusions, grad mode, ...), so the at::mm_out calls inside behave as on the caller.
-template <typename Fn>
-void run_tasks(const std::vector<Task>& tasks, const Fn& fn) {
+template <typename T, typename Fn>
+void run_tasks(const std::vector<T>& tasks, const Fn& fn) {
   const int64_t num_tasks = static_cast<int64_t>(tasks.size());
   const int64_t workers = std::min<int64_t>(num_tasks, at::get_num_threads());
   const at::ThreadLocalState state;
@@ -72,6 +75,93 @@ void run_tasks(const std::vector<Task>& tasks, const Fn& fn) {
   });
 }
 
+// float32 path on torchmoe's GEMM. One product per expert, c_e[m, n] = a_e[m, k] @ b_e[k, n], every operand
+// given by a base pointer and strides; `GemmBlock` is a rectangle of one expert's c.
+struct ExpertGemm {
+  int64_t m, n, k;
+  const float* a;
+  int64_t a_rs, a_cs;
+  const float* b;
+  int64_t b_rs, b_cs;
+  float* c;
+  int64_t ldc;
+};
+
+struct GemmBlock {
+  const ExpertGemm* gemm;
+  int64_t m0, m, n0, n;
+  int64_t work() const { return m * n * std::max<int64_t>(gemm->k, 1); }
+};
+
+// Cuts every product into blocks of about total / (4 * threads) multiply-adds (at least 2^22, so packing
+// stays a small share), along its longer side at tile multiples; largest blocks first.
+std::vector<GemmBlock> plan_blocks(const std::vector<ExpertGemm>& gemms) {
+  int64_t total = 0;
+  for (const auto& g : gemms) total += g.m * g.n * std::max<int64_t>(g.k, 1);
+  const int64_t target = std::max<int64_t>(total / (4 * at::get_num_threads()), int64_t{1} << 22);
+  std::vector<GemmBlock> blocks;
+  for (const auto& g : gemms) {
+    if (g.m == 0 || g.n == 0) continue;
+    const int64_t pieces = std::max<int64_t>(1, (g.m * g.n * std::max<int64_t>(g.k, 1) + target - 1) / target);
+    const bool split_rows = g.m >= g.n;
+    const int64_t extent = split_rows ? g.m : g.n;
+    const int64_t tile = split_rows ? cpu::kSgemmTileRows : cpu::kSgemmTileCols;
+    const int64_t chunk = ((extent + pieces - 1) / pieces + tile - 1) / tile * tile;
+    for (int64_t s = 0; s < extent; s += chunk) {
+      const int64_t len = std::min(chunk, extent - s);
+      blocks.push_back(split_rows ? GemmBlock{&g, s, len, 0, g.n} : GemmBlock{&g, 0, g.m, s, len});
+    }
+  }
+  std::stable_sort(blocks.begin(), blocks.end(),
+                   [](const GemmBlock& x, const GemmBlock& y) { return x.work() > y.work(); });
+  return blocks;
+}
+
+void run_gemms(const std::vector<ExpertGemm>& gemms) {
+  run_tasks(plan_blocks(gemms), [](const GemmBlock& blk) {
+    const ExpertGemm& g = *blk.gemm;
+    cpu::sgemm(blk.m, blk.n, g.k, g.a + blk.m0 * g.a_rs, g.a_rs, g.a_cs, g.b + blk.n0 * g.b_cs, g.b_rs, g.b_cs,
+               g.c + blk.m0 * g.ldc + blk.n0, g.ldc, /*accumulate=*/false);
+  });
+}
+
+bool use_fast_sgemm(const at::Tensor& x) {
+  return x.scalar_type() == at::kFloat && cpu::fast_sgemm_available();
+}
+
+// out rows of e = x rows of e @ weight[e]
+void grouped_mm_fast(const at::Tensor& x, const at::Tensor& weight, const std::vector<int64_t>& offsets,
+                     at::Tensor& out) {
+  const int64_t d_in = weight.size(1), d_out = weight.size(2);
+  std::vector<ExpertGemm> gemms;
+  for (size_t e = 0; e + 1 < offsets.size(); ++e) {
+    gemms.push_back({offsets[e + 1] - offsets[e], d_out, d_in, x.const_data_ptr<float>() + offsets[e] * d_in, d_in, 1,
+                     weight.const_data_ptr<float>() + static_cast<int64_t>(e) * d_in * d_out, d_out, 1,
+                     out.mutable_data_ptr<float>() + offsets[e] * d_out, d_out});
+  }
+  run_gemms(gemms);
+}
+
+// grad_x rows of e = grad_output rows of e @ weight[e]^T; grad_weight[e] = x_e^T @ grad_output_e (zeros for
+// an expert without rows). Both sets of products share one block list.
+void grouped_mm_backward_fast(const at::Tensor& grad_output, const at::Tensor& x, const at::Tensor& weight,
+                              const std::vector<int64_t>& offsets, at::Tensor& grad_x, at::Tensor& grad_weight) {
+  const int64_t d_in = weight.size(1), d_out = weight.size(2);
+  const float* g = grad_output.const_data_ptr<float>();
+  const float* xs = x.const_data_ptr<float>();
+  const float* w = weight.const_data_ptr<float>();
+  std::vector<ExpertGemm> gemms;
+  for (size_t e = 0; e + 1 < offsets.size(); ++e) {
+    const int64_t rows = offsets[e + 1] - offsets[e];
+    const float* w_e = w + static_cast<int64_t>(e) * d_in * d_out;
+    gemms.push_back({rows, d_in, d_out, g + offsets[e] * d_out, d_out, 1, w_e, 1, d_out,
+                     grad_x.mutable_data_ptr<float>() + offsets[e] * d_in, d_in});
+    gemms.push_back({d_in, d_out, rows, xs + offsets[e] * d_in, 1, d_in, g + offsets[e] * d_out, d_out, 1,
+                     grad_weight.mutable_data_ptr<float>() + static_cast<int64_t>(e) * d_in * d_out, d_out});
+  }
+  run_gemms(gemms);
+}
+
 at::Tensor grouped_mm_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& counts) {
   checks::check_grouped_mm_args(x_in, weight_in, counts);
   const auto x = x_in.contiguous();
@@ -80,6 +170,10 @@ at::Tensor grouped_mm_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, c
   const auto offsets = expert_offsets(counts, n, "grouped_mm");
   auto out = at::empty({n, weight.size(2)}, x.options());
   if (n == 0) return out;
+  if (use_fast_sgemm(x)) {
+    grouped_mm_fast(x, weight, offsets, out);
+    return out;
+  }
   run_tasks(row_tasks(offsets, kRowBlock), [&](const Task& t) {
     auto dst = out.narrow(0, t.begin, t.length);
     at::mm_out(dst, x.narrow(0, t.begin, t.length), weight.select(0, t.expert));
@@ -101,6 +195,10 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cpu(const at::Tensor& gra
 
   auto grad_x = at::empty_like(x);
   auto grad_weight = at::empty_like(weight);
+  if (use_fast_sgemm(x)) {
+    grouped_mm_backward_fast(grad_output, x, weight, offsets, grad_x, grad_weight);
+    return {grad_x, grad_weight};
+  }
 
   // grad_x rows of e = grad_output rows of e @ weight[e]^T, in row blocks; and
   // grad_weight[e] = x_e^T @ grad_output_e, blocked over d_in so each block's reduction over the expert's
