@@ -286,6 +286,28 @@ def test_moe_matches_per_expert_loop(activation, k, capacity_factor, T):
         assert moe.dropped_tokens.item() == 0
 
 
+@pytest.mark.parametrize("capacity_factor,T", [(0.5, 40), (1.25, 33), (4.0, 24)])
+def test_moe_capacity_packed_rows_match_padded_buffer(capacity_factor, T):
+    # On CPU the capacity layout skips empty slots (kept rows packed, grouped matmuls); the padded
+    # [E, capacity, d] buffer with batched matmuls (the GPU / torch.compile path) must agree with it.
+    torch.manual_seed(T)
+    moe = MoE(16, 24, 5, k=2, capacity_factor=capacity_factor)
+    x = torch.randn(T, 16)
+    assert moe._skip_padding(x)
+    packed = params_and_grads(moe, x, moe)
+    packed_counts, packed_dropped = moe.expert_counts.clone(), moe.dropped_tokens.clone()
+    moe._skip_padding = lambda t: False
+    padded = params_and_grads(moe, x, moe)
+    torch.testing.assert_close(packed[0], padded[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(packed[1], padded[1], rtol=1e-5, atol=1e-6)
+    for name in packed[2]:
+        torch.testing.assert_close(packed[2][name], padded[2][name], rtol=1e-5, atol=1e-6, msg=name)
+    assert torch.equal(packed_counts, moe.expert_counts)
+    assert torch.equal(packed_dropped, moe.dropped_tokens)
+    if capacity_factor < 1:
+        assert packed_dropped.item() > 0
+
+
 def test_moe_reference_impl_matches_fused():
     for cf in (None, 1.0):
         torch.manual_seed(3)

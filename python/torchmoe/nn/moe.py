@@ -29,7 +29,9 @@ class MoE(nn.Module):
       capacity_factor, min_capacity)`` rows; (token, choice) slots beyond an expert's capacity are dropped
       (all first choices are queued before any second choice) and contribute zero to the output, so a token
       whose every choice is dropped outputs zero (the caller's residual connection carries it).
-      route_plan -> dispatch into ``[E, capacity, d_model]`` -> batched matmuls -> combine.
+      route_plan -> dispatch into ``[E, capacity, d_model]`` -> batched matmuls -> combine. On CPU (eager or
+      TorchScript) the padding is skipped: the kept rows are packed expert after expert and run as grouped
+      matmuls, so the experts do no work for empty capacity slots.
     - ``capacity_factor=None`` (dropless): nothing is dropped; routed rows are grouped by expert and the
       experts run as grouped matmuls: route_plan -> dispatch -> :func:`torchmoe.grouped_mm` -> combine.
 
@@ -153,6 +155,14 @@ class MoE(nn.Module):
             h = self._act(ops.grouped_mm(rows, self.up_proj, counts))
         return ops.grouped_mm(h, self.down_proj, counts)
 
+    def _skip_padding(self, x: Tensor) -> bool:
+        # Capacity mode on CPU computes only the kept rows: the row count is known on the host for free there.
+        # On GPUs it would cost a device-to-host sync, and under torch.compile a data-dependent shape, so
+        # those run the padded [E, capacity, d_model] buffer with batched matmuls.
+        if torch.jit.is_scripting():
+            return x.device.type == "cpu"
+        return x.device.type == "cpu" and not torch.compiler.is_compiling()
+
     def _aux_losses(self, logits: Tensor, indices: Tensor) -> Tensor:
         load_loss: Optional[Tensor] = None
         if hasattr(self.router, "load_loss"):
@@ -170,9 +180,17 @@ class MoE(nn.Module):
         if capacity_factor is not None:
             cap = ops.capacity(num_tokens, self.num_experts, self.k, capacity_factor, self.min_capacity)
             dest, counts = ops.route_plan(indices, self.num_experts, cap)
-            buf = ops.dispatch(h, dest, self.num_experts * cap).view(self.num_experts, cap, self.d_model)
-            out = self._experts_batched(buf).view(self.num_experts * cap, self.d_model)
             dropped = (dest < 0).sum()
+            if cap > 0 and self._skip_padding(x):
+                # Only the kept rows, packed expert after expert: dest e * cap + pos -> start(e) + pos.
+                kept = counts.clamp(max=cap)
+                starts = torch.cumsum(kept, 0) - kept
+                dest = torch.where(dest >= 0, starts[dest.clamp(min=0) // cap] + dest % cap, dest)
+                rows = ops.dispatch(h, dest, int(kept.sum()))
+                out = self._experts_grouped(rows, kept)
+            else:
+                buf = ops.dispatch(h, dest, self.num_experts * cap).view(self.num_experts, cap, self.d_model)
+                out = self._experts_batched(buf).view(self.num_experts * cap, self.d_model)
         else:
             dest, counts = ops.route_plan(indices, self.num_experts, -1)
             rows = ops.dispatch(h, dest, num_tokens * self.k)
