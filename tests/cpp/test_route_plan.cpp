@@ -92,3 +92,33 @@ TEST(RoutePlan, RejectsBadInput) {
   EXPECT_THROW(torchmoe::ops::route_plan(torch::zeros({4, 2}, torch::kLong), 0), c10::Error);
   EXPECT_THROW(torchmoe::ops::route_plan(torch::zeros({4}, torch::kLong), 3), c10::Error);
 }
+
+// Many threads cut every group into several chunks counted in parallel: bad ids in different chunks and
+// groups must raise (not write out of bounds) naming the first one in memory order, for int32 and int64,
+// dropless and with capacity, with and without priority.
+TEST(RoutePlan, RejectsBadIdsInEveryChunkOnManyThreads) {
+  const int old_threads = at::get_num_threads();
+  for (const auto dtype : {torch::kInt, torch::kLong}) {
+    at::Tensor idx = torch::randint(0, 8, {3, 30000, 2}, torch::TensorOptions().dtype(dtype));
+    idx[2][29000][0] = 9;
+    idx[2][100][1] = -1;
+    idx[1][20000][1] = 1 << 30;
+    idx[1][5][1] = 8;
+    const at::Tensor priority = torch::randn({3, 30000});
+    for (const int threads : {1, 3, 16}) {
+      at::set_num_threads(threads);
+      for (const int64_t capacity : {int64_t{-1}, int64_t{0}, int64_t{10}}) {
+        for (const bool with_priority : {false, true}) {
+          try {
+            torchmoe::ops::route_plan(idx, 8, capacity,
+                                      with_priority ? std::optional<at::Tensor>(priority) : std::nullopt);
+            ADD_FAILURE() << "bad expert ids were accepted";
+          } catch (const c10::Error& e) {
+            EXPECT_NE(std::string(e.what()).find("got 8 at [1, 5, 1]"), std::string::npos) << e.what();
+          }
+        }
+      }
+    }
+  }
+  at::set_num_threads(old_threads);
+}

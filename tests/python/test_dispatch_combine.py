@@ -278,6 +278,34 @@ def test_dispatch_dest_out_of_range():
         torchmoe.dispatch(x, torch.tensor([[0, -2], [1, 2], [3, 4]]), 6)
 
 
+@pytest.mark.parametrize("bad", [-2, 10000, 2**62, -(2**62)])
+def test_bad_dest_many_threads_first_reported(bad):
+    # Bad rows in several parallel chunks, the last one in memory order placed first: every op raises
+    # naming the first bad entry in memory order, whatever the thread count (no worker thread decides).
+    N, k, R, d = 4000, 2, 10000, 16
+    dest = torch.randperm(R)[: N * k].view(N, k)
+    dest[::7, 1] = -1
+    where = [(3999, 1), (3000, 0), (2001, 1), (1500, 0), (37, 1)]
+    for i, (n, j) in enumerate(where):
+        dest[n, j] = bad if (n, j) == (37, 1) else R + 100 + i
+    pattern = rf"'dest'.*got dest\[37, 1\] = {bad}"
+    x, e, w = torch.randn(N, d), torch.randn(R, d), torch.rand(N, k)
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 4, 16):
+            torch.set_num_threads(threads)
+            with pytest.raises(RuntimeError, match=pattern):
+                torchmoe.dispatch(x, dest, R)
+            with pytest.raises(RuntimeError, match=pattern):
+                torchmoe.combine(e, dest, w)
+            with pytest.raises(RuntimeError, match=pattern):
+                OPS._dispatch_backward(e, dest)
+            with pytest.raises(RuntimeError, match=pattern):
+                OPS._combine_backward(torch.randn(N, d), e, dest, w)
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_dispatch_duplicate_dest():
     x, _, _, _ = _good()
     with pytest.raises(RuntimeError, match="dest.*duplicate"):

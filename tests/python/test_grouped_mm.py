@@ -310,6 +310,19 @@ def test_bad_counts_sum(counts):
         torchmoe.grouped_mm(x, w, torch.tensor(counts))
 
 
+@pytest.mark.parametrize("op", ["forward", "backward"])
+def test_bad_counts_sum_overflow(op):
+    # 5 + (2**63 - 1) + (2**63 - 1) + 7 wraps int64 to 10 = x.size(0): the running sum must be checked
+    # before it can overflow, or huge counts pass and the kernel loops over ~2**55 row blocks.
+    x, w = torch.randn(10, 4), torch.randn(4, 4, 3)
+    counts = torch.tensor([5, 2**63 - 1, 2**63 - 1, 7])
+    with pytest.raises(RuntimeError, match="'counts'.*sum to x.size"):
+        if op == "forward":
+            torchmoe.grouped_mm(x, w, counts)
+        else:
+            torch.ops.torchmoe._grouped_mm_backward(torch.randn(10, 3), x, w, counts)
+
+
 def test_bad_counts_sum_backward():
     x, w, _ = good()
     with pytest.raises(RuntimeError, match="'counts'.*sum to x.size"):

@@ -325,6 +325,36 @@ def test_bad_indices_out_of_range_parallel(restore_threads):
             torchmoe.route_plan(idx, 8, cap, torch.randn(3, 30000))
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("shape", [(40000, 2), (3, 30000, 2), (16, 3000, 4)])
+def test_bad_indices_many_threads_many_chunks(restore_threads, dtype, shape):
+    # Many threads, so the counting pass cuts each group into several chunks (and tasks run on several
+    # threads): bad ids sit in different chunks and groups, the last one in memory order placed first.
+    # Every combination must raise (never crash, read or write out of bounds) naming the first bad id in
+    # memory order, and the op must keep working afterwards.
+    E = 8
+    gen = _gen("bad_chunks", shape, str(dtype))
+    good = torch.randint(0, E, shape, generator=gen, dtype=dtype)
+    n = good.numel()
+    where = sorted({n - 1, 7 * n // 8, n // 2, n // 3, n // 17})
+    prios = {None: None, "T": torch.randn(shape[:-1], generator=gen), "Tk": torch.randn(shape, generator=gen)}
+    for bad in (E, E + 1, -1, 2**31 - 1, -(2**31)):
+        idx = good.clone()
+        for i, p in enumerate(reversed(where)):
+            idx.view(-1)[p] = bad if i == len(where) - 1 else E + 5 + i
+        first = [int(c) for c in torch.unravel_index(torch.tensor(where[0]), shape)]
+        pattern = rf"'indices'.*\[0, num_experts = {E}\).*got {bad} at \[{', '.join(map(str, first))}\]"
+        for threads in (1, 3, 16):
+            torch.set_num_threads(threads)
+            for cap in (-1, 0, 7):
+                for prio in prios.values():
+                    with pytest.raises(RuntimeError, match=pattern):
+                        torchmoe.route_plan(idx, E, cap, prio)
+    torch.set_num_threads(16)
+    for cap in (-1, 7):
+        _assert_same(torchmoe.route_plan(good, E, cap, prios["T"]), _ref(good, E, cap, prios["T"]))
+
+
 def test_bad_indices_negative():
     idx = torch.randint(0, 4, (5, 3))
     idx[2, 0] = -1

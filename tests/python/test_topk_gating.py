@@ -511,6 +511,23 @@ def test_bad_backward_indices_out_of_range():
             BACKWARD_OP(grad_w, logits, indices, "softmax", True, 1.0)
 
 
+def test_bad_backward_indices_first_reported_many_threads():
+    # Bad ids in several parallel chunks: the first in memory order is named, whatever the thread count.
+    T, E, k = 20000, 8, 2
+    logits = torch.randn(T, E)
+    indices = torch.randint(0, E, (T, k))
+    for i, (r, j) in enumerate([(19999, 1), (15000, 0), (9000, 1), (123, 1)]):
+        indices[r, j] = -1 if (r, j) == (123, 1) else E + i
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 4, 16):
+            torch.set_num_threads(threads)
+            with pytest.raises(RuntimeError, match=r"argument 'indices'.*got -1 at row 123, choice 1"):
+                BACKWARD_OP(torch.randn(T, k), logits, indices, "softmax", True, 1.0)
+    finally:
+        torch.set_num_threads(old)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_bad_backward_indices_dtype(device):
     grad_w, logits, indices = backward_args(device)

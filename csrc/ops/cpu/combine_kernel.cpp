@@ -30,6 +30,7 @@ at::Tensor combine_cpu(const at::Tensor& expert_out_in, const at::Tensor& dest_i
   auto y = at::empty({N, d}, expert_out.options());
   if (N == 0) return y;
   const int64_t* dp = dest.const_data_ptr<int64_t>();
+  check_dest_values("combine", dp, N, k, R);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, expert_out.scalar_type(), "combine", [&] {
     using A = acc_type<scalar_t>;
     const auto weights = acc_weights(weights_in, c10::CppTypeToScalarType<A>::value);
@@ -40,7 +41,6 @@ at::Tensor combine_cpu(const at::Tensor& expert_out_in, const at::Tensor& dest_i
       for (int64_t n = begin; n < end; ++n) {
         const int64_t* rows = dp + n * k;
         const A* w = wp + n * k;
-        for (int64_t j = 0; j < k; ++j) check_dest_value("combine", n * k + j, k, rows[j], R);
         gather_sum_row<scalar_t, true>(o + n * d, e, d, k, [&](int64_t j, int64_t& row, A& wj) {
           row = rows[j];
           wj = w[j];

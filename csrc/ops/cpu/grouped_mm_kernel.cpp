@@ -37,9 +37,10 @@ std::vector<int64_t> expert_offsets(const at::Tensor& counts, int64_t num_rows, 
   std::vector<int64_t> offsets(num_experts + 1, 0);
   for (int64_t e = 0; e < num_experts; ++e) {
     TORCHMOE_CHECK_ARG(p[e] >= 0, op, "counts", "must be non-negative, got counts[", e, "] = ", p[e]);
+    // Compared before adding: offsets[e] + p[e] could overflow int64 and wrap below num_rows.
+    TORCHMOE_CHECK_ARG(p[e] <= num_rows - offsets[e], op, "counts", "must sum to x.size(0) = ", num_rows,
+                       ", got a partial sum above it after expert ", e, " (counts[", e, "] = ", p[e], ")");
     offsets[e + 1] = offsets[e] + p[e];
-    TORCHMOE_CHECK_ARG(offsets[e + 1] <= num_rows, op, "counts", "must sum to x.size(0) = ", num_rows,
-                       ", got a partial sum of ", offsets[e + 1], " after expert ", e);
   }
   TORCHMOE_CHECK_ARG(offsets[num_experts] == num_rows, op, "counts", "must sum to x.size(0) = ", num_rows,
                      ", got ", offsets[num_experts]);

@@ -37,6 +37,16 @@ inline void check_dest_value(const char* op, int64_t slot, int64_t k, int64_t va
                      "), got dest[", slot / k, ", ", slot % k, "] = ", value);
 }
 
+// Serial pass over dest [N, k] before any parallel loop reads rows through it: the error names the first
+// bad entry in memory order (not whichever thread saw one first), and no worker thread throws.
+inline void check_dest_values(const char* op, const int64_t* dest, int64_t N, int64_t k, int64_t rows) {
+  const int64_t slots = N * k;
+  for (int64_t s = 0; s < slots; ++s) {
+    const int64_t r = dest[s];
+    if (C10_UNLIKELY(r < -1 || r >= rows)) check_dest_value(op, s, k, r, rows);
+  }
+}
+
 // src[row] = token that dest sends to row, or -1. Rejects out-of-range entries and a row targeted twice.
 inline std::vector<int64_t> dispatch_sources(const int64_t* dest, int64_t N, int64_t k, int64_t rows,
                                              const char* op) {

@@ -392,10 +392,6 @@ void topk_gating_backward_rows(const scalar_t* grad_w, const scalar_t* logits, c
       const scalar_t* x = logits + r * E;
       const scalar_t* g = grad_w + r * k;
       const int64_t* idx = indices + r * k;
-      for (int64_t j = 0; j < k; ++j) {
-        TORCHMOE_CHECK_ARG(idx[j] >= 0 && idx[j] < E, "_topk_gating_backward", "indices",
-                           "must hold expert ids in [0, E = ", E, "), got ", idx[j]);
-      }
       std::fill(d.begin(), d.end(), acc_t(0));
 
       if (softmax && !renormalize) {
@@ -466,6 +462,14 @@ at::Tensor topk_gating_backward_cpu(const at::Tensor& grad_weights, const at::Te
   const at::Tensor idx = indices.contiguous();
   const at::Tensor g = grad_weights.to(logits.scalar_type()).contiguous();
   const bool softmax = checks::topk_gating_is_softmax(score_func);
+  // Serial check before the parallel rows index d / x with the ids: the first bad id in memory order is
+  // reported, and no worker thread throws.
+  const int64_t* ip = idx.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < T * k; ++i) {
+    TORCHMOE_CHECK_ARG(ip[i] >= 0 && ip[i] < E, "_topk_gating_backward", "indices",
+                       "must hold expert ids in [0, E = ", E, "), got ", ip[i], " at row ", i / k, ", choice ",
+                       i % k);
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "topk_gating_backward_cpu", [&] {
     topk_gating_backward_rows<scalar_t>(g.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
                                         idx.const_data_ptr<int64_t>(), grad_logits.mutable_data_ptr<scalar_t>(), T,
