@@ -31,4 +31,10 @@ TORCH_LIBRARY(torchmoe, m) {
   m.def("grouped_mm(Tensor x, Tensor weight, Tensor counts) -> Tensor", tags);
   m.def("_grouped_mm_backward(Tensor grad_output, Tensor x, Tensor weight, Tensor counts) "
         "-> (Tensor grad_x, Tensor grad_weight)", tags);
+
+
+  // The CPU kernels' cache of large freed outputs: bytes held, and freeing them (returns bytes freed).
+  // Conservative alias analysis marks them as having side effects, so TorchScript never folds a call.
+  m.def(torch::schema("_cpu_cache_bytes() -> int", c10::AliasAnalysisKind::CONSERVATIVE));
+  m.def(torch::schema("_cpu_cache_release() -> int", c10::AliasAnalysisKind::CONSERVATIVE));
 }

@@ -8,6 +8,7 @@ torch.compile and C++) and exposes typed functional wrappers:
 - :func:`dispatch` / :func:`combine` — move token rows into expert buffers and back
 - :func:`grouped_mm`   — one matmul per expert over rows grouped by expert
 - :func:`capacity`     — the expert capacity for a capacity factor
+- :func:`cpu_cache_bytes` / :func:`empty_cpu_cache` — the CPU kernels' cache of large freed outputs
 
 `torchmoe.reference` holds plain-PyTorch versions of every op, `torchmoe.losses` the auxiliary
 losses and `torchmoe.nn` the modules.
@@ -16,7 +17,9 @@ from . import _library
 
 _library.load()
 
-from .ops import capacity, combine, dispatch, grouped_mm, route_plan, topk_gating  # noqa: E402
+from .ops import (  # noqa: E402
+    capacity, combine, cpu_cache_bytes, dispatch, empty_cpu_cache, grouped_mm, route_plan, topk_gating,
+)
 from . import reference  # noqa: E402
 
 __version__ = "0.1.0"
@@ -28,6 +31,8 @@ __all__ = [
     "combine",
     "grouped_mm",
     "capacity",
+    "cpu_cache_bytes",
+    "empty_cpu_cache",
     "reference",
     "library_path",
     "built_with_cuda",

@@ -110,3 +110,21 @@ def capacity(
     cap = int(math.floor(k * capacity_factor * num_tokens / num_experts))
     cap = max(min_capacity, cap)
     return min(cap, num_tokens)
+
+
+def cpu_cache_bytes() -> int:
+    """Bytes held by the CPU kernels' cache of large freed outputs.
+
+    On CPU, torchmoe's op outputs of 1 MiB or more come from blocks kept after earlier outputs were freed:
+    glibc hands out large blocks as fresh pages and unmaps them on free, so without the cache every
+    training step would pay a page fault per 4 KiB of every large output. At most
+    ``TORCHMOE_CPU_CACHE_MB`` MiB (environment variable, read once; default 4096, 0 disables) of free
+    blocks are kept.
+    """
+    return torch.ops.torchmoe._cpu_cache_bytes()
+
+
+def empty_cpu_cache() -> int:
+    """Frees the blocks held by the CPU output cache (see :func:`cpu_cache_bytes`); returns the bytes freed.
+    Outputs still alive are unaffected and return to the cache when freed."""
+    return torch.ops.torchmoe._cpu_cache_release()

@@ -8,6 +8,7 @@
 #include <tuple>
 
 #include "ops/common/dispatch_checks.h"
+#include "ops/cpu/output_cache.h"
 #include "ops/cpu/row_ops.h"
 
 namespace torchmoe::cpu {
@@ -27,7 +28,7 @@ at::Tensor combine_cpu(const at::Tensor& expert_out_in, const at::Tensor& dest_i
   const int64_t N = dest.size(0);
   const int64_t k = dest.size(1);
 
-  auto y = at::empty({N, d}, expert_out.options());
+  auto y = cpu::empty_output({N, d}, expert_out.options());
   if (N == 0) return y;
   const int64_t* dp = dest.const_data_ptr<int64_t>();
   check_dest_values("combine", dp, N, k, R);
@@ -68,7 +69,7 @@ std::tuple<at::Tensor, at::Tensor> combine_backward_cpu(const at::Tensor& grad_o
   // slot order; with a plan's dest every row has at most one.
   const RowSlots rs = row_slots(dp, N, k, R, "_combine_backward");
 
-  auto grad_expert_out = at::empty({R, d}, expert_out.options());
+  auto grad_expert_out = cpu::empty_output({R, d}, expert_out.options());
   at::Tensor grad_weights;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, expert_out.scalar_type(), "_combine_backward", [&] {
     using A = acc_type<scalar_t>;

@@ -8,6 +8,7 @@
 #include <cstring>
 
 #include "ops/common/dispatch_checks.h"
+#include "ops/cpu/output_cache.h"
 #include "ops/cpu/row_ops.h"
 
 namespace torchmoe::cpu {
@@ -21,7 +22,7 @@ at::Tensor dispatch_cpu(const at::Tensor& x_in, const at::Tensor& dest_in, int64
   const int64_t d = x.size(1);
   const int64_t k = dest.size(1);
 
-  auto out = at::empty({num_rows, d}, x.options());
+  auto out = cpu::empty_output({num_rows, d}, x.options());
   // Inverse map (serial, over N * k ints): validates dest and lets every output row be written exactly
   // once below, copy or zero, without a separate zero fill.
   const auto src = dispatch_sources(dest.const_data_ptr<int64_t>(), N, k, num_rows, "dispatch");
@@ -53,7 +54,7 @@ at::Tensor dispatch_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor
   const int64_t N = dest.size(0);
   const int64_t k = dest.size(1);
 
-  auto dx = at::empty({N, d}, grad_out.options());
+  auto dx = cpu::empty_output({N, d}, grad_out.options());
   if (N == 0) return dx;
   const int64_t* dp = dest.const_data_ptr<int64_t>();
   check_dest_values("_dispatch_backward", dp, N, k, R);

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "ops/common/grouped_mm_checks.h"
+#include "ops/cpu/output_cache.h"
 #include "ops/cpu/sgemm.h"
 
 namespace torchmoe::ops {
@@ -169,7 +170,7 @@ at::Tensor grouped_mm_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, c
   const auto weight = weight_in.contiguous();
   const int64_t n = x.size(0);
   const auto offsets = expert_offsets(counts, n, "grouped_mm");
-  auto out = at::empty({n, weight.size(2)}, x.options());
+  auto out = cpu::empty_output({n, weight.size(2)}, x.options());
   if (n == 0) return out;
   if (use_fast_sgemm(x)) {
     grouped_mm_fast(x, weight, offsets, out);
@@ -194,8 +195,8 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cpu(const at::Tensor& gra
   const int64_t d_in = weight.size(1);
   const auto offsets = expert_offsets(counts, n, "_grouped_mm_backward");
 
-  auto grad_x = at::empty_like(x);
-  auto grad_weight = at::empty_like(weight);
+  auto grad_x = cpu::empty_output(x.sizes(), x.options());
+  auto grad_weight = cpu::empty_output(weight.sizes(), weight.options());
   if (use_fast_sgemm(x)) {
     grouped_mm_backward_fast(grad_output, x, weight, offsets, grad_x, grad_weight);
     return {grad_x, grad_weight};
