@@ -5,4 +5,5 @@
 #include "ops/dispatch.h"
 #include "ops/grouped_mm.h"
 #include "ops/route_plan.h"
+#include "ops/swiglu.h"
 #include "ops/topk_gating.h"

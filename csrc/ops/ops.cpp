@@ -32,6 +32,9 @@ TORCH_LIBRARY(torchmoe, m) {
   m.def("_grouped_mm_backward(Tensor grad_output, Tensor x, Tensor weight, Tensor counts) "
         "-> (Tensor grad_x, Tensor grad_weight)", tags);
 
+  // silu(gate) * up, elementwise (the SwiGLU expert's activation); same shapes and dtypes.
+  m.def("swiglu(Tensor gate, Tensor up) -> Tensor", tags);
+  m.def("_swiglu_backward(Tensor grad_out, Tensor gate, Tensor up) -> (Tensor grad_gate, Tensor grad_up)", tags);
 
   // The CPU kernels' cache of large freed outputs: bytes held, and freeing them (returns bytes freed).
   // Conservative alias analysis marks them as having side effects, so TorchScript never folds a call.

@@ -7,6 +7,7 @@ torch.compile and C++) and exposes typed functional wrappers:
 - :func:`route_plan`   — slot of each (token, choice) in its expert's buffer (capacity or dropless)
 - :func:`dispatch` / :func:`combine` — move token rows into expert buffers and back
 - :func:`grouped_mm`   — one matmul per expert over rows grouped by expert
+- :func:`swiglu`       — ``silu(gate) * up``, the SwiGLU activation
 - :func:`capacity`     — the expert capacity for a capacity factor
 - :func:`cpu_cache_bytes` / :func:`empty_cpu_cache` — the CPU kernels' cache of large freed outputs
 
@@ -18,7 +19,7 @@ from . import _library
 _library.load()
 
 from .ops import (  # noqa: E402
-    capacity, combine, cpu_cache_bytes, dispatch, empty_cpu_cache, grouped_mm, route_plan, topk_gating,
+    capacity, combine, cpu_cache_bytes, dispatch, empty_cpu_cache, grouped_mm, route_plan, swiglu, topk_gating,
 )
 from . import reference  # noqa: E402
 
@@ -30,6 +31,7 @@ __all__ = [
     "dispatch",
     "combine",
     "grouped_mm",
+    "swiglu",
     "capacity",
     "cpu_cache_bytes",
     "empty_cpu_cache",

@@ -98,6 +98,17 @@ def grouped_mm(x: Tensor, weight: Tensor, counts: Tensor) -> Tensor:
     return torch.ops.torchmoe.grouped_mm(x, weight, counts)
 
 
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    """``silu(gate) * up`` elementwise, the SwiGLU expert's activation, in one pass over memory.
+
+    ``gate`` and ``up`` have the same shape and floating dtype. The same operations and rounding steps as
+    ``F.silu(gate) * up`` and its autograd (16-bit dtypes round ``silu(gate)`` before the product, as the
+    composite does), with fewer passes over memory and no intermediate tensor; results do not depend on
+    the thread count. Differentiable w.r.t. both.
+    """
+    return torch.ops.torchmoe.swiglu(gate, up)
+
+
 def capacity(
     num_tokens: int, num_experts: int, k: int, capacity_factor: float, min_capacity: int = 0
 ) -> int:

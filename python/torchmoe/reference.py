@@ -141,6 +141,11 @@ def combine(expert_out: Tensor, dest: Tensor, weights: Tensor) -> Tensor:
     return out.index_add(0, token, rows).to(expert_out.dtype)
 
 
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    """Reference for :func:`torchmoe.swiglu`."""
+    return F.silu(gate) * up
+
+
 def grouped_mm(x: Tensor, weight: Tensor, counts: Tensor) -> Tensor:
     """Reference for :func:`torchmoe.grouped_mm`: a loop over experts (host-side counts)."""
     pieces = torch.split(x, counts.tolist())

@@ -141,7 +141,7 @@ class MoE(nn.Module):
         # buf [E, capacity, d_model] -> [E, capacity, d_model]
         gate_proj = self.gate_proj
         if gate_proj is not None:
-            h = F.silu(torch.bmm(buf, gate_proj)) * torch.bmm(buf, self.up_proj)
+            h = ops.swiglu(torch.bmm(buf, gate_proj), torch.bmm(buf, self.up_proj))
         else:
             h = self._act(torch.bmm(buf, self.up_proj))
         return torch.bmm(h, self.down_proj)
@@ -150,7 +150,7 @@ class MoE(nn.Module):
         # rows [R, d_model] grouped by expert (counts [E]) -> [R, d_model]
         gate_proj = self.gate_proj
         if gate_proj is not None:
-            h = F.silu(ops.grouped_mm(rows, gate_proj, counts)) * ops.grouped_mm(rows, self.up_proj, counts)
+            h = ops.swiglu(ops.grouped_mm(rows, gate_proj, counts), ops.grouped_mm(rows, self.up_proj, counts))
         else:
             h = self._act(ops.grouped_mm(rows, self.up_proj, counts))
         return ops.grouped_mm(h, self.down_proj, counts)

@@ -4,10 +4,9 @@ import math
 from typing import Dict, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import capacity, combine, dispatch, grouped_mm, route_plan
+from ..ops import capacity, combine, dispatch, grouped_mm, route_plan, swiglu
 from .router import make_router, router_aux_loss
 
 
@@ -176,13 +175,13 @@ class MoLE(nn.Module):
         up_in = dispatch(self._latent(tokens, self.up_basis), dest_latent, rows)  # [rows, r]
         gate_in = dispatch(self._latent(tokens, self.gate_basis), dest_latent, rows)
         if cap < 0:
-            h = F.silu(grouped_mm(gate_in, self.gate_coef, counts)) * grouped_mm(up_in, self.up_coef, counts)
+            h = swiglu(grouped_mm(gate_in, self.gate_coef, counts), grouped_mm(up_in, self.up_coef, counts))
             expert_out = grouped_mm(h, self.down_proj, counts)
             dropped = torch.zeros((), dtype=torch.long, device=x.device)
         else:
             up = torch.bmm(up_in.view(E, cap, self.rank), self.up_coef)
             gate = torch.bmm(gate_in.view(E, cap, self.rank), self.gate_coef)
-            expert_out = torch.bmm(F.silu(gate) * up, self.down_proj).view(rows, self.d_model)
+            expert_out = torch.bmm(swiglu(gate, up), self.down_proj).view(rows, self.d_model)
             dropped = (dest < 0).sum()
         y = combine(expert_out, dest, weights)
 
