@@ -37,6 +37,8 @@ __global__ void group_prefix_kernel(const int64_t* counts, int64_t E, int64_t N,
   for (int64_t e = 0; e < E; ++e) {
     const int64_t c = counts[e];
     CUDA_KERNEL_ASSERT(c >= 0 && "torchmoe::grouped_mm: counts must be >= 0");
+    // Compared before adding: run + c could overflow int64 and wrap back to N.
+    CUDA_KERNEL_ASSERT(c <= N - run && "torchmoe::grouped_mm: counts must sum to the rows of x");
     run += c;
     tiles += (c + BM - 1) / BM;
     if (ends != nullptr) ends[e] = run;
