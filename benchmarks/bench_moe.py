@@ -12,15 +12,14 @@ on separate per-expert weight tensors (the nn.ModuleList layout, which avoids th
 per-expert gradient scatter). All three variants share the same weights and routing; outputs are checked to agree.
 Medians of `--reps` timed runs; "x" columns are speedups of the fused layer (> 1 means faster).
 
-At this size every variant is bound by the same expert GEMMs (about 155 GFLOP for forward+backward), so
-the fused layer cannot do much better than match a loop that already runs near the GEMM roofline. On
-CPU, glibc serves allocations above 32 MB with fresh mmap'd pages, so the fused layer's whole-batch
-intermediates pay page faults that the loop's per-expert chunks mostly avoid; running with
-`GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=17179869184` (or jemalloc/tcmalloc)
-removes that cost for every variant. Where the fused layer does win on CPU: against the loop over the
-layer's stacked weights with many experts (each `weight[e]` in the loop back-propagates a full-size
-gradient, so with E=64 the loop's backward is several times slower), and on a loaded machine (a fixed
-handful of ops rather than a dozen per expert, each with its own thread synchronisation).
+At this size every variant is dominated by the same expert GEMMs (about 155 GFLOP for forward+backward).
+What makes the fused layer faster on CPU: its grouped_mm runs torchmoe's AVX-512 GEMM where torch.mm (MKL)
+runs AVX2 code on AMD CPUs; its large outputs come from torchmoe's CPU block cache rather than the fresh
+pages glibc maps for every block of 32 MiB or more (a page fault per 4 KiB, which whole-batch tensors pay and
+the loop's per-expert chunks mostly do not); swiglu does the SwiGLU activation in one pass without temporaries; capacity
+mode computes only the kept rows; and with many experts each stacked `weight[e]` in the loop back-propagates a
+full-size gradient. TORCHMOE_DISABLE_AVX512=1 and TORCHMOE_CPU_CACHE_MB=0 switch the first two off, to see
+what each is worth.
 """
 import argparse
 import statistics

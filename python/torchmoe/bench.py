@@ -6,7 +6,8 @@ For each op (forward, and forward+backward where it has a gradient) it times:
   eager     the best plain-PyTorch composite we could write (topk+softmax, stable sort, index_select/index_add_)
   compiled  torch.compile of that composite
 and prints medians of repeated runs, the speedups ours vs each (x faster, > 1 means torchmoe wins) and the
-bandwidth ours achieves against a plain device copy of the same number of bytes.
+bandwidth ours achieves against a plain device copy of the same number of bytes: "of copy" against a copy into
+an existing buffer (the machine's raw bandwidth), "of clone" against a copy that allocates its output.
 
     python benchmarks/bench_ops.py                 # CPU, the sizes of the foundation targets
     python benchmarks/bench_ops.py --device cuda   # GPU, the sizes of the CUDA targets (bf16)
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
 import torch
+import torch.nn.functional as F
 
 import torchmoe
 from torchmoe import reference
@@ -64,9 +66,9 @@ def time_fn(fn: Callable[[], object], device: torch.device, reps: int, min_time:
 def copy_bandwidth(nbytes: int, device: torch.device, reps: int, allocate: bool = True) -> float:
     """GB/s of a plain copy that reads nbytes/2 and writes nbytes/2.
 
-    allocate=True times `src.clone()`: like every op here it returns a fresh tensor, so both pay for new
-    output memory (on the CPU, first-touch page faults of large allocations cost as much as the copy itself).
-    allocate=False copies into an existing buffer: the machine's raw copy bandwidth.
+    allocate=True times `src.clone()`, which returns a fresh tensor (on the CPU, glibc maps large blocks fresh, and
+    their first-touch page faults cost several times the copy; torchmoe's CPU ops take their large outputs from
+    a block cache instead). allocate=False copies into an existing buffer: the machine's raw copy bandwidth.
     """
     half = max(1, nbytes // 2)
     src = torch.empty(half, dtype=torch.uint8, device=device).random_(0, 255)
@@ -114,6 +116,10 @@ def combine_composite(expert_out: torch.Tensor, dest: torch.Tensor, weights: tor
     rows = expert_out.index_select(0, flat[keep]).float() * weights.reshape(-1)[keep].float().unsqueeze(1)
     out = torch.zeros((N, expert_out.shape[1]), dtype=torch.float32, device=expert_out.device)
     return out.index_add(0, token[keep], rows).to(expert_out.dtype)
+
+
+def swiglu_composite(gate: torch.Tensor, up: torch.Tensor):
+    return F.silu(gate) * up
 
 
 # ---------------------------------------------------------------- cases
@@ -263,10 +269,37 @@ def _grouped_mm_cases(device: torch.device, gen: torch.Generator, quick: bool) -
     return cases
 
 
+def _swiglu_cases(device: torch.device, gen: torch.Generator, quick: bool, use_compile: bool) -> List[Case]:
+    """swiglu on the hidden activations of a dropless layer (rows = T * k)."""
+    gpu = device.type == "cuda"
+    rows, d_ff = (131072, 2048) if gpu else (16384, 1024)
+    if quick:
+        rows = 1024
+    dtype = torch.bfloat16 if gpu else torch.float32
+    gate = torch.randn(rows, d_ff, generator=gen).to(device=device, dtype=dtype)
+    up = torch.randn(rows, d_ff, generator=gen).to(device=device, dtype=dtype)
+    shape = f"rows={rows} d_ff={d_ff} {str(dtype).replace('torch.', '')}"
+    nbytes = gate.numel() * gate.element_size()
+    compiled = _compile(swiglu_composite, use_compile)
+    cases = [Case("swiglu", "fwd", shape, 3 * nbytes,
+                  ours=lambda: torchmoe.swiglu(gate, up),
+                  ref=lambda: reference.swiglu(gate, up),
+                  eager=lambda: swiglu_composite(gate, up),
+                  compiled=(lambda: compiled(gate, up)) if compiled else None)]
+    gl, ul = gate.clone().requires_grad_(True), up.clone().requires_grad_(True)
+    # forward reads 2 and writes 1; backward reads grad, gate, up and writes 2 gradients
+    cases.append(Case("swiglu", "fwd+bwd", shape, 8 * nbytes,
+                      ours=_fwd_bwd(torchmoe.swiglu, [gl, ul]),
+                      ref=_fwd_bwd(reference.swiglu, [gl, ul]),
+                      eager=_fwd_bwd(swiglu_composite, [gl, ul]),
+                      compiled=_fwd_bwd(compiled, [gl, ul]) if compiled else None))
+    return cases
+
+
 def build_cases(device: torch.device, quick: bool, use_compile: bool) -> List[Case]:
     gen = torch.Generator(device="cpu").manual_seed(0)
     return (_routing_cases(device, gen, quick, use_compile) + _dispatch_cases(device, gen, quick, use_compile)
-            + _grouped_mm_cases(device, gen, quick))
+            + _grouped_mm_cases(device, gen, quick) + _swiglu_cases(device, gen, quick, use_compile))
 
 
 def _fmt_ms(t: Optional[float]) -> str:
@@ -304,9 +337,9 @@ def run(argv=None) -> List[Case]:
     print(f"torchmoe {torchmoe.__version__} | torch {torch.__version__} | {where} | "
           f"median of {args.reps} | plain copy {copy_gbs:.1f} GB/s (clone; {raw_copy_gbs:.1f} into an existing buffer)")
     header = ("| op | pass | shape | ours ms | ref ms | eager ms | compiled ms | vs ref | vs eager | "
-              "vs compiled | GB/s | of copy |")
+              "vs compiled | GB/s | of copy | of clone |")
     print(header)
-    print("|" + "---|" * 12)
+    print("|" + "---|" * 13)
     for case in cases:
         for name in ("ours", "ref", "eager", "compiled"):
             fn = getattr(case, name)
@@ -317,7 +350,7 @@ def run(argv=None) -> List[Case]:
         print(f"| {case.op} | {case.mode} | {case.shape} | {_fmt_ms(t)} | {_fmt_ms(case.times.get('ref'))} | "
               f"{_fmt_ms(case.times.get('eager'))} | {_fmt_ms(case.times.get('compiled'))} | "
               f"{_fmt_ratio(case.times.get('ref'), t)} | {_fmt_ratio(case.times.get('eager'), t)} | "
-              f"{_fmt_ratio(case.times.get('compiled'), t)} | {gbs:.1f} | {gbs / copy_gbs:.2f} |", flush=True)
+              f"{_fmt_ratio(case.times.get('compiled'), t)} | {gbs:.1f} | {gbs / raw_copy_gbs:.2f} | {gbs / copy_gbs:.2f} |", flush=True)
     return cases
 
 

@@ -26,12 +26,14 @@ def test_composites_match_the_ops():
     expert_out = torch.randn(rows, 8)
     torch.testing.assert_close(bench.combine_composite(expert_out, dest, w),
                                torchmoe.combine(expert_out, dest, w))
+    gate, up = torch.randn(50, 7), torch.randn(50, 7)
+    torch.testing.assert_close(bench.swiglu_composite(gate, up), torchmoe.swiglu(gate, up))
 
 
 def test_quick_run_prints_every_op(capsys):
     cases = bench.run(["--quick", "--no-compile", "--reps", "1"])
     out = capsys.readouterr().out
-    for op in ("topk_gating", "route_plan", "dispatch", "combine", "dispatch+combine", "grouped_mm"):
+    for op in ("topk_gating", "route_plan", "dispatch", "combine", "dispatch+combine", "grouped_mm", "swiglu"):
         assert f"| {op} |" in out
     assert all(c.times["ours"] > 0 for c in cases)
     assert "plain copy" in out
