@@ -82,6 +82,26 @@ def test_cache_disabled_by_environment():
     assert result.stdout.strip() == "0"
 
 
+def test_cache_limit_evicts_longest_held_blocks():
+    # 3 MiB limit: a 2 MiB and a 2.5 MiB free block do not both fit, so the older one goes.
+    code = (
+        "import torch, torchmoe\n"
+        "a = torchmoe.dispatch(torch.randn(4, 512 * 256), torch.tensor([[0], [1], [2], [3]]), 4)\n"  # 2 MiB
+        "b = torchmoe.dispatch(torch.randn(5, 512 * 256), torch.tensor([[0], [1], [2], [3], [4]]), 5)\n"  # 2.5 MiB
+        "del a\n"
+        "print(torchmoe.cpu_cache_bytes())\n"
+        "del b\n"
+        "print(torchmoe.cpu_cache_bytes())\n"
+        "big = torchmoe.dispatch(torch.randn(8, 512 * 256), torch.arange(8).view(8, 1), 8)\n"  # 4 MiB > limit
+        "del big\n"
+        "print(torchmoe.cpu_cache_bytes())\n"
+    )
+    env = dict(os.environ, TORCHMOE_CPU_CACHE_MB="3")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [str(2 << 20), str(5 << 19), str(5 << 19)]
+
+
 def test_cache_ops_in_torchscript():
     @torch.jit.script
     def held() -> int:

@@ -6,9 +6,8 @@
 #include <torch/library.h>
 
 #include <cstdlib>
+#include <deque>
 #include <mutex>
-#include <new>
-#include <string>
 #include <unordered_map>
 #include <vector>
 
@@ -38,9 +37,10 @@ class BlockCache final : public c10::Allocator {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       auto it = free_.find(size);
-      if (it != free_.end() && !it->second.empty()) {
-        block = it->second.back();
+      if (it != free_.end()) {
+        block = it->second.back().block;
         it->second.pop_back();
+        if (it->second.empty()) free_.erase(it);
         free_bytes_ -= size;
       }
     }
@@ -70,7 +70,7 @@ class BlockCache final : public c10::Allocator {
       std::lock_guard<std::mutex> lock(mutex_);
       for (auto& [size, list] : free_) {
         bytes += static_cast<int64_t>(size * list.size());
-        blocks.insert(blocks.end(), list.begin(), list.end());
+        for (const auto& f : list) blocks.push_back(f.block);
       }
       free_.clear();
       free_bytes_ = 0;
@@ -92,25 +92,45 @@ class BlockCache final : public c10::Allocator {
  private:
   static void give_back(void* block) { instance().put(block); }
 
+  // Keeps the block, evicting the longest-held free blocks if the cache would exceed its limit: with
+  // changing shapes, old sizes stop coming back and the recent ones are the useful ones.
   void put(void* block) {
+    std::vector<void*> evicted;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       auto it = in_use_.find(block);
       TORCH_INTERNAL_ASSERT(it != in_use_.end(), "torchmoe: freeing a block the output cache does not own");
       const size_t size = it->second;
       in_use_.erase(it);
-      if (free_bytes_ + size <= limit_) {
-        free_[size].push_back(block);
+      if (size > limit_) {
+        evicted.push_back(block);
+      } else {
+        while (free_bytes_ + size > limit_) {
+          auto oldest = free_.begin();
+          for (auto f = free_.begin(); f != free_.end(); ++f) {
+            if (f->second.front().age < oldest->second.front().age) oldest = f;
+          }
+          evicted.push_back(oldest->second.front().block);
+          free_bytes_ -= oldest->first;
+          oldest->second.pop_front();
+          if (oldest->second.empty()) free_.erase(oldest);
+        }
+        free_[size].push_back({block, next_age_++});
         free_bytes_ += size;
-        return;
       }
     }
-    std::free(block);
+    for (void* b : evicted) std::free(b);
   }
 
   const size_t limit_ = cache_limit_from_env();
   std::mutex mutex_;
-  std::unordered_map<size_t, std::vector<void*>> free_;
+  struct FreeBlock {
+    void* block;
+    uint64_t age;  // order of release
+  };
+  // Per size, oldest first: reuse takes the newest (warm in cache), eviction the oldest.
+  std::unordered_map<size_t, std::deque<FreeBlock>> free_;
+  uint64_t next_age_ = 0;
   std::unordered_map<void*, size_t> in_use_;
   size_t free_bytes_ = 0;
 };

@@ -13,7 +13,8 @@
 namespace torchmoe::cpu {
 
 // at::empty on CPU; blocks of 1 MiB or more come from (and return to) a cache of freed blocks. The cache
-// keeps at most TORCHMOE_CPU_CACHE_MB MiB (read once; default 4096, 0 turns caching off) of free blocks.
+// keeps at most TORCHMOE_CPU_CACHE_MB MiB (read once; default 4096, 0 turns caching off) of free blocks,
+// evicting the longest-held ones first.
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options);
 
 // Frees every cached block; returns the number of bytes freed.
