@@ -102,6 +102,29 @@ def test_cache_limit_evicts_longest_held_blocks():
     assert result.stdout.split() == [str(2 << 20), str(5 << 19), str(5 << 19)]
 
 
+def test_forked_children_use_the_cache():
+    # The cache's lock is held across fork() (pthread_atfork) and released on both sides; parent and children
+    # must keep allocating and freeing cached blocks afterwards.
+    code = """
+import os, torch, torchmoe
+dest = torch.arange(8).view(8, 1)
+torchmoe.dispatch(torch.ones(8, 65536), dest, 8)  # leaves a 2 MiB block in the cache
+children = []
+for _ in range(4):
+    pid = os.fork()
+    if pid == 0:
+        torch.set_num_threads(1)
+        ok = all(torchmoe.dispatch(torch.ones(8, 65536), dest, 8).sum().item() == 8 * 65536 for _ in range(3))
+        os._exit(0 if ok and torchmoe.cpu_cache_bytes() > 0 else 1)
+    children.append(pid)
+    torchmoe.dispatch(torch.ones(8, 65536), dest, 8)
+print(all(os.waitpid(pid, 0)[1] == 0 for pid in children) and torchmoe.cpu_cache_bytes() > 0)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "True"
+
+
 def test_cache_ops_in_torchscript():
     @torch.jit.script
     def held() -> int:

@@ -5,6 +5,8 @@
 #include <c10/core/CPUAllocator.h>
 #include <torch/library.h>
 
+#include <pthread.h>
+
 #include <cstdlib>
 #include <deque>
 #include <mutex>
@@ -85,7 +87,14 @@ class BlockCache final : public c10::Allocator {
   }
 
   static BlockCache& instance() {
-    static auto* cache = new BlockCache();  // never destroyed: outputs may be freed during static destruction
+    static auto* cache = [] {
+      auto* c = new BlockCache();  // never destroyed: outputs may be freed during static destruction
+      // A fork while another thread holds the lock (DataLoader workers fork) must not leave the child's
+      // copy locked forever: hold it across the fork.
+      pthread_atfork([] { instance().mutex_.lock(); }, [] { instance().mutex_.unlock(); },
+                     [] { instance().mutex_.unlock(); });
+      return c;
+    }();
     return *cache;
   }
 
