@@ -14,7 +14,7 @@ Medians of `--reps` timed runs; "x" columns are speedups of the fused layer (> 1
 
 At this size every variant is dominated by the same expert GEMMs (about 155 GFLOP for forward+backward).
 What makes the fused layer faster on CPU: its grouped_mm runs torchmoe's AVX-512 GEMM where torch.mm (MKL)
-runs AVX2 code on AMD CPUs; its large outputs come from torchmoe's CPU block cache rather than the fresh
+does not use AVX-512 on AMD CPUs; its large outputs come from torchmoe's CPU block cache rather than the fresh
 pages glibc maps for every block of 32 MiB or more (a page fault per 4 KiB, which whole-batch tensors pay and
 the loop's per-expert chunks mostly do not); swiglu does the SwiGLU activation in one pass without temporaries; capacity
 mode computes only the kept rows; and with many experts each stacked `weight[e]` in the loop back-propagates a

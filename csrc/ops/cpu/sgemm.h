@@ -1,7 +1,8 @@
 // A single-threaded float32 GEMM with an AVX-512 micro-kernel, for the grouped_mm CPU kernel.
 //
-// Why not at::mm: on CPUs that MKL does not treat as its own (AMD Zen 4/5), MKL's sgemm runs its AVX2 code,
-// half of what the FMA units can do; this kernel runs 512-bit FMAs wherever the CPU has AVX-512F.
+// Why not at::mm: on CPUs that MKL does not treat as its own (AMD Zen 4/5), MKL's sgemm does not use AVX-512
+// and runs at about the AVX2 peak, half of what the FMA units can do; this kernel runs 512-bit FMAs wherever
+// the CPU has AVX-512F.
 // Callers split the work over threads; each thread packs into its own buffers.
 #pragma once
 
