@@ -308,6 +308,17 @@ def test_moe_capacity_packed_rows_match_padded_buffer(capacity_factor, T):
         assert packed_dropped.item() > 0
 
 
+def test_moe_capacity_traced_keeps_padded_layout():
+    # torch.jit.trace would freeze the packed layout's data-dependent row count; traced layers use the padded
+    # buffer and stay right for inputs routed differently from the example.
+    torch.manual_seed(1)
+    moe = MoE(8, 16, 4, k=2, capacity_factor=1.0).eval()
+    traced = torch.jit.trace(moe, torch.randn(24, 8), check_trace=False)
+    for seed in range(3):
+        x = torch.randn(24, 8, generator=torch.Generator().manual_seed(seed)) * (seed + 1)
+        torch.testing.assert_close(traced(x), moe(x), rtol=1e-5, atol=1e-6)
+
+
 def test_moe_reference_impl_matches_fused():
     for cf in (None, 1.0):
         torch.manual_seed(3)

@@ -157,11 +157,11 @@ class MoE(nn.Module):
 
     def _skip_padding(self, x: Tensor) -> bool:
         # Capacity mode on CPU computes only the kept rows: the row count is known on the host for free there.
-        # On GPUs it would cost a device-to-host sync, and under torch.compile a data-dependent shape, so
-        # those run the padded [E, capacity, d_model] buffer with batched matmuls.
+        # On GPUs it would cost a device-to-host sync, under torch.compile / export a data-dependent shape, and
+        # torch.jit.trace would freeze it as a constant, so those run the padded [E, capacity, d_model] buffer.
         if torch.jit.is_scripting():
             return x.device.type == "cpu"
-        return x.device.type == "cpu" and not torch.compiler.is_compiling()
+        return x.device.type == "cpu" and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
 
     def _aux_losses(self, logits: Tensor, indices: Tensor) -> Tensor:
         load_loss: Optional[Tensor] = None
