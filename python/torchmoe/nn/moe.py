@@ -133,8 +133,10 @@ class MoE(nn.Module):
                 nn.init.uniform_(w, -bound, bound)
 
     def _act(self, h: Tensor) -> Tensor:
+        # h is a fresh matmul output that nothing saves for backward: ReLU can overwrite it (one whole-batch
+        # tensor fewer per step). GELU has no in-place form.
         if self.activation == "relu":
-            return F.relu(h)
+            return F.relu(h, inplace=True)
         return F.gelu(h)
 
     def _experts_batched(self, buf: Tensor) -> Tensor:
