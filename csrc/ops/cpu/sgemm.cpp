@@ -65,6 +65,14 @@ void pack_a(int64_t mc, int64_t kc, const float* a, int64_t a_rs, int64_t a_cs, 
         for (int64_t i = 0; i < rows; ++i) out[i] = src[i];
         for (int64_t i = rows; i < kMR; ++i) out[i] = 0.0f;
       }
+    } else if (rows == kMR && a_cs == 1) {  // row-major a: kMR row streams, the panel written in order
+      const float* src[kMR];
+      for (int i = 0; i < kMR; ++i) src[i] = a + (i0 + i) * a_rs;
+      for (int64_t p = 0; p < kc; ++p) {
+        float* out = dst + p * kMR;
+#pragma GCC unroll 16
+        for (int i = 0; i < kMR; ++i) out[i] = src[i][p];
+      }
     } else {  // walk each row along p (contiguous when a_cs == 1), scatter into the panel
       for (int64_t i = 0; i < rows; ++i) {
         const float* src = a + (i0 + i) * a_rs;
