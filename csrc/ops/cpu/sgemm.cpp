@@ -54,59 +54,37 @@ float* scratch(std::unique_ptr<float[]>& storage, int64_t& capacity, int64_t flo
   return reinterpret_cast<float*>((address + 63) & ~std::uintptr_t{63});
 }
 
-// Packs rows [0, mc) x columns [0, kc) of a into ceil(mc / kMR) panels of kc x kMR (rows past mc are 0).
-void pack_a(int64_t mc, int64_t kc, const float* a, int64_t a_rs, int64_t a_cs, float* dst) {
-  for (int64_t i0 = 0; i0 < mc; i0 += kMR) {
-    const int64_t rows = std::min<int64_t>(kMR, mc - i0);
-    if (a_rs == 1) {  // a column-major (a transposed row-major matrix): kMR contiguous values per p
+// Packs lines [0, lines) x steps [0, kc) of a matrix, element (line i, step p) at src[i * line_stride +
+// p * step_stride], into ceil(lines / W) panels of kc x W, k-major (lines past `lines` are 0). a's rows and
+// b's columns are the lines of their panels: a with (a_rs, a_cs), b with its strides swapped (b_cs, b_rs).
+template <int W>
+void pack_panels(int64_t lines, int64_t kc, const float* src, int64_t line_stride, int64_t step_stride, float* dst) {
+  for (int64_t i0 = 0; i0 < lines; i0 += W) {
+    const int64_t count = std::min<int64_t>(W, lines - i0);
+    if (line_stride == 1) {  // W contiguous values per step (a transposed a, a row-major b)
       for (int64_t p = 0; p < kc; ++p) {
-        const float* src = a + i0 + p * a_cs;
-        float* out = dst + p * kMR;
-        for (int64_t i = 0; i < rows; ++i) out[i] = src[i];
-        for (int64_t i = rows; i < kMR; ++i) out[i] = 0.0f;
+        float* out = dst + p * W;
+        std::memcpy(out, src + i0 + p * step_stride, sizeof(float) * count);
+        for (int64_t i = count; i < W; ++i) out[i] = 0.0f;
       }
-    } else if (rows == kMR && a_cs == 1) {  // row-major a: kMR row streams, the panel written in order
-      const float* src[kMR];
-      for (int i = 0; i < kMR; ++i) src[i] = a + (i0 + i) * a_rs;
+    } else if (count == W && step_stride == 1) {  // W contiguous line streams, the panel written in order
+      const float* lanes[W];
+      for (int i = 0; i < W; ++i) lanes[i] = src + (i0 + i) * line_stride;
       for (int64_t p = 0; p < kc; ++p) {
-        float* out = dst + p * kMR;
-#pragma GCC unroll 16
-        for (int i = 0; i < kMR; ++i) out[i] = src[i][p];
+        float* out = dst + p * W;
+#pragma GCC unroll 32
+        for (int i = 0; i < W; ++i) out[i] = lanes[i][p];
       }
-    } else {  // walk each row along p (contiguous when a_cs == 1), scatter into the panel
-      for (int64_t i = 0; i < rows; ++i) {
-        const float* src = a + (i0 + i) * a_rs;
-        for (int64_t p = 0; p < kc; ++p) dst[p * kMR + i] = src[p * a_cs];
+    } else {  // walk each line along its steps, scatter into the panel
+      for (int64_t i = 0; i < count; ++i) {
+        const float* line = src + (i0 + i) * line_stride;
+        for (int64_t p = 0; p < kc; ++p) dst[p * W + i] = line[p * step_stride];
       }
-      for (int64_t i = rows; i < kMR; ++i) {
-        for (int64_t p = 0; p < kc; ++p) dst[p * kMR + i] = 0.0f;
+      for (int64_t i = count; i < W; ++i) {
+        for (int64_t p = 0; p < kc; ++p) dst[p * W + i] = 0.0f;
       }
     }
-    dst += kc * kMR;
-  }
-}
-
-// Packs rows [0, kc) x columns [0, nc) of b into ceil(nc / kNR) panels of kc x kNR (columns past nc are 0).
-void pack_b(int64_t kc, int64_t nc, const float* b, int64_t b_rs, int64_t b_cs, float* dst) {
-  for (int64_t j0 = 0; j0 < nc; j0 += kNR) {
-    const int64_t cols = std::min<int64_t>(kNR, nc - j0);
-    if (b_cs == 1) {  // row-major b: kNR contiguous values per p
-      for (int64_t p = 0; p < kc; ++p) {
-        const float* src = b + p * b_rs + j0;
-        float* out = dst + p * kNR;
-        std::memcpy(out, src, sizeof(float) * cols);
-        for (int64_t j = cols; j < kNR; ++j) out[j] = 0.0f;
-      }
-    } else {  // walk each column along p (contiguous when b_rs == 1), scatter into the panel
-      for (int64_t j = 0; j < cols; ++j) {
-        const float* src = b + (j0 + j) * b_cs;
-        for (int64_t p = 0; p < kc; ++p) dst[p * kNR + j] = src[p * b_rs];
-      }
-      for (int64_t j = cols; j < kNR; ++j) {
-        for (int64_t p = 0; p < kc; ++p) dst[p * kNR + j] = 0.0f;
-      }
-    }
-    dst += kc * kNR;
+    dst += kc * W;
   }
 }
 
@@ -173,10 +151,10 @@ void sgemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t a_rs, int64_
     for (int64_t pc = 0; pc < k; pc += kKC) {
       const int64_t kc = std::min(kKC, k - pc);
       const bool add = accumulate || pc > 0;
-      pack_b(kc, nc, b + pc * b_rs + jc * b_cs, b_rs, b_cs, packed_b);
+      pack_panels<kNR>(nc, kc, b + pc * b_rs + jc * b_cs, b_cs, b_rs, packed_b);
       for (int64_t ic = 0; ic < m; ic += kMC) {
         const int64_t mc = std::min(kMC, m - ic);
-        pack_a(mc, kc, a + ic * a_rs + pc * a_cs, a_rs, a_cs, packed_a);
+        pack_panels<kMR>(mc, kc, a + ic * a_rs + pc * a_cs, a_rs, a_cs, packed_a);
         for (int64_t jr = 0; jr < nc; jr += kNR) {
           const float* b_panel = packed_b + (jr / kNR) * kc * kNR;
           for (int64_t ir = 0; ir < mc; ir += kMR) {
