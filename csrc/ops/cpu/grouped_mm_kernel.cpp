@@ -4,8 +4,6 @@
 // BLAS call (at::mm_out) per fixed-size block, so every output element comes from the same call whatever
 // the thread count. counts is read on the host (it already lives there on CPU).
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -14,6 +12,7 @@
 
 #include "ops/common/grouped_mm_checks.h"
 #include "ops/cpu/output_cache.h"
+#include "ops/cpu/parallel.h"
 #include "ops/cpu/sgemm.h"
 
 namespace torchmoe::ops {
@@ -61,16 +60,14 @@ std::vector<Task> row_tasks(const std::vector<int64_t>& offsets, int64_t block) 
 
 // Runs fn(task) for every task on the ATen thread pool. Threads take tasks from a shared counter, so
 // uneven tasks (experts of different sizes, grad_x next to grad_weight blocks) still balance; which thread
-// runs a task never changes its result. The workers get the caller's thread-local state (dispatch key
-// exclusions, grad mode, ...), so the at::mm_out calls inside behave as on the caller.
+// runs a task never changes its result. Workers run with the caller's thread-local state, so the at::mm_out
+// calls inside behave as on the caller.
 template <typename T, typename Fn>
 void run_tasks(const std::vector<T>& tasks, const Fn& fn) {
   const int64_t num_tasks = static_cast<int64_t>(tasks.size());
   const int64_t workers = std::min<int64_t>(num_tasks, at::get_num_threads());
-  const at::ThreadLocalState state;
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
-    at::ThreadLocalStateGuard guard(state);
+  cpu::parallel_for_as_caller(0, workers, 1, [&](int64_t begin, int64_t end) {
     for (int64_t w = begin; w < end; ++w) {
       for (int64_t t = next.fetch_add(1); t < num_tasks; t = next.fetch_add(1)) fn(tasks[t]);
     }

@@ -5,28 +5,24 @@
 // memory, into an output from the block cache (no page faults), and the arithmetic - with its rounding for
 // 16-bit dtypes - is exactly that of the eager composite F.silu(gate) * up and of its autograd.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <tuple>
 
 #include "ops/common/swiglu_checks.h"
 #include "ops/cpu/output_cache.h"
+#include "ops/cpu/parallel.h"
 
 namespace torchmoe::cpu {
 namespace {
 
 constexpr int64_t kChunkBytes = int64_t{1} << 18;
 
-// fn(begin, length) over [0, numel) in chunks, on the ATen thread pool with the caller's thread-local state
-// (the ATen calls inside must run below autograd, as on the caller).
+// fn(begin, length) over [0, numel) in chunks, on the ATen thread pool.
 template <typename Fn>
 void for_chunks(int64_t numel, int64_t element_size, const Fn& fn) {
   const int64_t chunk = kChunkBytes / element_size;
-  const at::ThreadLocalState state;
-  at::parallel_for(0, (numel + chunk - 1) / chunk, 1, [&](int64_t first, int64_t last) {
-    at::ThreadLocalStateGuard guard(state);
+  parallel_for_as_caller(0, (numel + chunk - 1) / chunk, 1, [&](int64_t first, int64_t last) {
     for (int64_t c = first; c < last; ++c) fn(c * chunk, std::min(chunk, numel - c * chunk));
   });
 }

@@ -1,0 +1,22 @@
+// at::parallel_for for bodies that call ATen ops.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+
+#include <cstdint>
+
+namespace torchmoe::cpu {
+
+// Workers run fn(begin, end) with the caller's thread-local state (dispatch key exclusions, grad mode, ...),
+// so ATen ops inside behave as on the caller: below autograd in a kernel, for one.
+template <typename Fn>
+void parallel_for_as_caller(int64_t begin, int64_t end, int64_t grain_size, const Fn& fn) {
+  const at::ThreadLocalState state;
+  at::parallel_for(begin, end, grain_size, [&](int64_t first, int64_t last) {
+    at::ThreadLocalStateGuard guard(state);
+    fn(first, last);
+  });
+}
+
+}  // namespace torchmoe::cpu
