@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -5,6 +9,15 @@ import torchmoe  # noqa: F401  (registers the ops)
 
 CUDA = torch.cuda.is_available() and torchmoe.built_with_cuda()
 DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
+
+
+def run_python(code: str, timeout: float = 300, **env: str) -> str:
+    """Runs code in a fresh Python process (this environment plus env), asserts that it exits with 0 and
+    returns what it printed."""
+    result = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **env), capture_output=True,
+                            text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
 
 
 @pytest.fixture(autouse=True)

@@ -1,14 +1,13 @@
 """The CPU kernels' cache of large freed outputs: blocks are reused, results stay exact on reused
 (dirty) memory, the cache can be emptied and turned off, and cached outputs behave like any tensor."""
 import gc
-import os
-import subprocess
-import sys
 
 import torch
 
 import torchmoe
 from torchmoe import reference
+
+from conftest import run_python
 
 
 def big_grouped_mm_inputs():
@@ -76,10 +75,7 @@ def test_cache_disabled_by_environment():
         "out = torchmoe.grouped_mm(x, w, c); del out\n"
         "print(torchmoe.cpu_cache_bytes())\n"
     )
-    env = dict(os.environ, TORCHMOE_CPU_CACHE_MB="0")
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "0"
+    assert run_python(code, TORCHMOE_CPU_CACHE_MB="0").strip() == "0"
 
 
 def test_cache_limit_evicts_longest_held_blocks():
@@ -96,10 +92,7 @@ def test_cache_limit_evicts_longest_held_blocks():
         "del big\n"
         "print(torchmoe.cpu_cache_bytes())\n"
     )
-    env = dict(os.environ, TORCHMOE_CPU_CACHE_MB="3")
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == [str(2 << 20), str(5 << 19), str(5 << 19)]
+    assert run_python(code, TORCHMOE_CPU_CACHE_MB="3").split() == [str(2 << 20), str(5 << 19), str(5 << 19)]
 
 
 def test_forked_children_use_the_cache():
@@ -120,9 +113,7 @@ for _ in range(4):
     torchmoe.dispatch(torch.ones(8, 65536), dest, 8)
 print(all(os.waitpid(pid, 0)[1] == 0 for pid in children) and torchmoe.cpu_cache_bytes() > 0)
 """
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "True"
+    assert run_python(code, timeout=120).strip() == "True"
 
 
 def test_cache_ops_in_torchscript():

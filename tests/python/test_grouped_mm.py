@@ -1,14 +1,12 @@
 """grouped_mm: against torchmoe.reference.grouped_mm (a loop of per-expert matmuls), every dtype,
 empty experts, edge-case counts, opcheck, gradcheck, TorchScript, torch.compile and bad inputs."""
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 import torchmoe
 from torchmoe import reference
+
+from conftest import run_python
 
 TOL = {
     torch.float64: dict(atol=1e-10, rtol=1e-10),
@@ -181,10 +179,7 @@ torch.testing.assert_close(gw, rw, atol=1e-3, rtol=1e-4)
 assert torch.all(gw[1] == 0)
 print("ok")
 """
-    env = dict(os.environ, TORCHMOE_DISABLE_AVX512="1")
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "ok"
+    assert run_python(code, TORCHMOE_DISABLE_AVX512="1").strip() == "ok"
 
 
 def test_meta_shapes():

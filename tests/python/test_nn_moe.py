@@ -11,6 +11,8 @@ import torchmoe
 from torchmoe import losses
 from torchmoe.nn import MoE, NoisyTopkRouter, SwitchMoE, TopkRouter
 
+from conftest import run_python
+
 
 
 @pytest.fixture(autouse=True)
@@ -571,8 +573,6 @@ def test_compile_inductor_dropless():
 
 
 def test_scripted_moe_runs_in_fresh_process(tmp_path):
-    import subprocess
-    import sys
     import textwrap
 
     torch.manual_seed(0)
@@ -599,9 +599,7 @@ def test_scripted_moe_runs_in_fresh_process(tmp_path):
         print("fresh-process-ok")
         """
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert "fresh-process-ok" in result.stdout
+    assert "fresh-process-ok" in run_python(script)
 
 
 @pytest.mark.parametrize("capacity_factor", [None, 1.25])

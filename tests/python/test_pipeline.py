@@ -1,7 +1,5 @@
 """The ops together: a routed layer in eager, TorchScript (saved and loaded in a fresh process) and
 torch.compile, against the plain-PyTorch reference."""
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -9,6 +7,8 @@ import torch
 
 import torchmoe
 from torchmoe import reference
+
+from conftest import run_python
 
 
 class RoutedLayer(torch.nn.Module):
@@ -92,9 +92,7 @@ def test_torchscript_saved_module_runs_in_fresh_process(tmp_path):
         print("fresh-process-ok")
         """
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert "fresh-process-ok" in result.stdout
+    assert "fresh-process-ok" in run_python(script)
 
 
 def test_torchscript_graph_calls_the_ops():
