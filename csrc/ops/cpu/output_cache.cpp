@@ -19,13 +19,14 @@ namespace {
 constexpr size_t kMinCachedBytes = size_t{1} << 20;
 constexpr size_t kRounding = size_t{1} << 16;  // sizes differing by a few rows share blocks
 constexpr size_t kAlignment = 64;
+constexpr size_t kDefaultLimitBytes = size_t{4096} << 20;
 
 size_t cache_limit_from_env() {
   const char* text = std::getenv("TORCHMOE_CPU_CACHE_MB");
-  if (text == nullptr || text[0] == '\0') return size_t{4096} << 20;
+  if (text == nullptr || text[0] == '\0') return kDefaultLimitBytes;
   char* end = nullptr;
   const long long mb = std::strtoll(text, &end, 10);
-  if (end == text || *end != '\0' || mb < 0) return size_t{4096} << 20;
+  if (end == text || *end != '\0' || mb < 0) return kDefaultLimitBytes;
   return static_cast<size_t>(mb) << 20;
 }
 
