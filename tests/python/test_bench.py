@@ -26,6 +26,9 @@ def test_composites_match_the_ops():
     expert_out = torch.randn(rows, 8)
     torch.testing.assert_close(bench.combine_composite(expert_out, dest, w),
                                torchmoe.combine(expert_out, dest, w))
+    counts = torch.tensor([3, 0, 40, 7])
+    xg, wg = torch.randn(50, 6), torch.randn(4, 6, 5)
+    torch.testing.assert_close(bench.grouped_mm_composite(xg, wg, counts), torchmoe.grouped_mm(xg, wg, counts))
     gate, up = torch.randn(50, 7), torch.randn(50, 7)
     torch.testing.assert_close(bench.swiglu_composite(gate, up), torchmoe.swiglu(gate, up))
 
@@ -37,3 +40,25 @@ def test_quick_run_prints_every_op(capsys):
         assert f"| {op} |" in out
     assert all(c.times["ours"] > 0 for c in cases)
     assert "plain copy" in out
+
+
+def test_copy_is_timed_on_each_case_bytes(monkeypatch):
+    # "of copy" compares each case with a copy of its own bytes (capped), measured in the same run.
+    seen = []
+    real = bench.copy_bandwidth
+
+    def spy(nbytes, device, reps, allocate=True):
+        seen.append((nbytes, allocate))
+        return real(nbytes, device, reps, allocate)
+
+    monkeypatch.setattr(bench, "copy_bandwidth", spy)
+    cases = bench.run(["--quick", "--no-compile", "--reps", "1", "--only", "route_plan,swiglu"])
+    sizes = {c.nbytes for c in cases}
+    assert len(sizes) == 3  # route_plan, swiglu fwd, swiglu fwd+bwd
+    assert sorted(seen) == sorted((n, a) for n in sizes for a in (False, True))
+    assert all(c.copy_gbs > 0 and c.clone_gbs > 0 for c in cases)
+
+    seen.clear()
+    monkeypatch.setattr(bench, "COPY_CAP", 4096)
+    bench.run(["--quick", "--no-compile", "--reps", "1", "--only", "swiglu"])
+    assert seen == [(4096, False), (4096, True)]
