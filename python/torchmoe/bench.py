@@ -69,20 +69,22 @@ def time_fn(fn: Callable[[], object], device: torch.device, reps: int, min_time:
 COPY_CAP = 1 << 30
 
 
-def copy_bandwidth(nbytes: int, device: torch.device, reps: int, allocate: bool = True) -> float:
+def copy_bandwidth(nbytes: int, device: torch.device, reps: int, allocate: bool = True,
+                   timer: Callable[[Callable[[], object], torch.device, int], float] = time_fn) -> float:
     """GB/s of a plain copy that reads nbytes/2 and writes nbytes/2.
 
     allocate=True times `src.clone()`, which returns a fresh tensor (on the CPU, glibc maps large blocks fresh, and
     their first-touch page faults cost several times the copy; torchmoe's CPU ops take their large outputs from
     a block cache instead). allocate=False copies into an existing buffer: the machine's raw copy bandwidth.
+    timer(fn, device, reps) -> seconds per call; the ops' timer, so the copy is timed as they are.
     """
     half = max(1, nbytes // 2)
     src = torch.empty(half, dtype=torch.uint8, device=device).random_(0, 255)
     if allocate:
-        t = time_fn(lambda: src.clone(), device, reps)
+        t = timer(lambda: src.clone(), device, reps)
     else:
         dst = torch.empty_like(src)
-        t = time_fn(lambda: dst.copy_(src), device, reps)
+        t = timer(lambda: dst.copy_(src), device, reps)
     return 2 * half / t / 1e9
 
 

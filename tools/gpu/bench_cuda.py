@@ -18,11 +18,12 @@ import torch
 
 import torchmoe
 from torchmoe import reference
-from torchmoe.bench import (COPY_CAP, combine_composite, dispatch_composite, grouped_mm_composite, sort_plan_composite,
-                            time_fn, topk_softmax_composite)
+from torchmoe.bench import (COPY_CAP, combine_composite, copy_bandwidth, dispatch_composite, grouped_mm_composite,
+                            sort_plan_composite, time_fn, topk_softmax_composite)
 
 OPS = torch.ops.torchmoe
 DEV = torch.device("cuda")
+GRAPH_BELOW_S = 5e-4  # calls this short are also timed from a CUDA graph: the host's launch overhead matters
 
 
 def fwd_bwd(fn, leaves, grad):
@@ -53,17 +54,10 @@ def graph_time(fn, reps, calls=20):
     return t
 
 
-def copy_gbs(nbytes, reps):
-    """GB/s (bytes read + written) of a device-to-device copy of the same bytes (at most COPY_CAP), timed like
-    the ops: replayed from a CUDA graph too when it takes under 0.5 ms."""
-    half = max(1, min(nbytes, COPY_CAP) // 2)
-    src = torch.empty(half, dtype=torch.uint8, device=DEV).random_(0, 255)
-    dst = torch.empty_like(src)
-    fn = lambda: dst.copy_(src)  # noqa: E731
-    t = time_fn(fn, DEV, reps)
-    if t < 5e-4:
-        t = min(t, graph_time(fn, reps))
-    return 2 * half / t / 1e9
+def device_time(fn, device, reps):
+    """Seconds per call; calls under GRAPH_BELOW_S are also replayed from a CUDA graph and the lower time kept."""
+    t = time_fn(fn, device, reps)
+    return min(t, graph_time(fn, reps)) if t < GRAPH_BELOW_S else t
 
 
 def main():
@@ -78,7 +72,7 @@ def main():
 
     def case(op, mode, shape, nbytes, ours, eager=None, compiled=None, ref=None):
         t = {"ours": time_fn(ours, DEV, args.reps)}
-        if t["ours"] < 5e-4:  # short enough for the host's launch overhead to matter
+        if t["ours"] < GRAPH_BELOW_S:
             try:
                 t["graph"] = graph_time(ours, args.reps)
             except Exception as e:
@@ -210,7 +204,9 @@ def main():
 
     for r in rows:
         if r["op"] != "grouped_mm":
-            r["copy_gbs"] = copy_gbs(r["nbytes"], args.reps)
+            # a device-to-device copy of the same bytes, timed like the ops
+            r["copy_gbs"] = copy_bandwidth(min(r["nbytes"], COPY_CAP), DEV, args.reps, allocate=False,
+                                           timer=device_time)
     print(f"\ntorchmoe {torchmoe.__version__} | torch {torch.__version__} | {torch.cuda.get_device_name()} | "
           f"median of {args.reps} | copy: a device-to-device copy of each case's bytes (read + written)\n")
     print("| op | pass | shape | ours ms | ours, graph replay ms | eager ms | compiled ms | ref ms | vs eager | "
