@@ -1,0 +1,451 @@
+"""Expert parallelism on torch.distributed: experts sharded over the ranks of a process group, tokens exchanged
+with all-to-all.
+
+- :func:`all_to_all` — differentiable ``torch.distributed.all_to_all_single`` with uneven splits.
+- :class:`ExpertParallelMoE` — the expert-parallel form of :class:`torchmoe.nn.MoE` / :class:`torchmoe.nn.SwitchMoE`:
+  rank ``r`` of ``W`` holds experts ``[r*E/W, (r+1)*E/W)``, the router is replicated.
+- :func:`shard_experts` — converts every MoE layer of a model in place.
+- :func:`expert_parameters`, :func:`allreduce_gradients` — the data-parallel side of training.
+
+Transport is torch.distributed's (gloo on CPU, NCCL on GPUs); nothing here talks to the network itself. Without an
+initialised process group (and ``group=None``) everything runs as a group of one.
+"""
+import copy
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from . import ops
+from .nn.moe import _ACTIVATIONS, MoE
+
+__all__ = ["all_to_all", "ExpertParallelMoE", "shard_experts", "expert_parameters", "allreduce_gradients"]
+
+# dtype codes for the per-forward agreement check (ranks must exchange rows of one dtype)
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _world(group) -> Tuple[int, int]:
+    """(world size, rank) of ``group``; (1, 0) when torch.distributed is not initialised and no group is given."""
+    if not (dist.is_available() and dist.is_initialized()):
+        if group is not None:
+            raise RuntimeError("torchmoe.distributed: group was given but torch.distributed is not initialized")
+        return 1, 0
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError("torchmoe.distributed: this process is not a member of group")
+    return dist.get_world_size(group), rank
+
+
+def _host_collective_device(group) -> torch.device:
+    # Small host-side metadata goes through the group's CPU backend when it has one (gloo, or a mixed
+    # "cpu:gloo,cuda:nccl" group): no device-to-host copy. An NCCL-only group needs a CUDA tensor.
+    backend = str(dist.get_backend(group)).lower()
+    if "gloo" in backend or "mpi" in backend:
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _all_gather_values(values: Sequence[float], group) -> List[List[float]]:
+    """Every rank's ``values`` (float64, so ints up to 2**53 are exact), in group rank order."""
+    world, _ = _world(group)
+    if world == 1:
+        return [list(values)]
+    mine = torch.tensor(list(values), dtype=torch.float64, device=_host_collective_device(group))
+    gathered = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(gathered, mine, group=group)
+    return torch.stack(gathered).tolist()
+
+
+def _check_splits(name: str, splits, world: int) -> List[int]:
+    if isinstance(splits, Tensor):
+        splits = splits.tolist()
+    splits = list(splits)
+    if len(splits) != world or any(not isinstance(s, int) or s < 0 for s in splits):
+        raise ValueError(f"all_to_all: {name} must be {world} non-negative ints (one per rank), got {splits}")
+    return splits
+
+
+def _exchange(x: Tensor, output_splits: List[int], input_splits: List[int], group) -> Tensor:
+    x = x.contiguous()  # gloo sends a non-contiguous tensor's storage as is and the other ranks wait forever
+    out = x.new_empty((sum(output_splits),) + tuple(x.shape[1:]))
+    dist.all_to_all_single(out, x, output_splits, input_splits, group=group)
+    return out
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, output_splits: List[int], input_splits: List[int], group) -> Tensor:
+        ctx.splits = (output_splits, input_splits)
+        ctx.group = group
+        return _exchange(x, output_splits, input_splits, group)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        output_splits, input_splits = ctx.splits
+        return _exchange(grad, input_splits, output_splits, ctx.group), None, None, None
+
+
+def all_to_all(x: Tensor, output_splits: Sequence[int], input_splits: Sequence[int], group=None) -> Tensor:
+    """Differentiable all-to-all of rows: rank ``r`` sends rows ``x[sum(input_splits[:s]) :][: input_splits[s]]``
+    to rank ``s`` and receives ``output_splits[s]`` rows from each rank ``s``, concatenated in rank order.
+
+    Args:
+        x: ``[N, ...]`` with ``N == sum(input_splits)``; any dtype torch.distributed's backend carries. It is made
+            contiguous before sending.
+        output_splits, input_splits: one non-negative int per rank of ``group`` (Python ints, known on the host).
+        group: process group, ``None`` for the default one.
+
+    Returns ``[sum(output_splits), ...]`` on ``x.device``. The backward pass is the same exchange with the splits
+    swapped. With a group of one, ``x`` is returned as is. The splits must agree between ranks (what rank ``r``
+    sends to ``s`` is what ``s`` expects from ``r``): a mismatch is not detectable locally.
+    """
+    if not isinstance(x, Tensor) or x.dim() < 1:
+        raise ValueError("all_to_all: x must be a tensor with at least one dimension")
+    world, _ = _world(group)
+    output_splits = _check_splits("output_splits", output_splits, world)
+    input_splits = _check_splits("input_splits", input_splits, world)
+    if sum(input_splits) != x.shape[0]:
+        raise ValueError(f"all_to_all: input_splits sum to {sum(input_splits)}, but x has {x.shape[0]} rows")
+    if world == 1:
+        if output_splits != input_splits:
+            raise ValueError(f"all_to_all: with one rank output_splits must equal input_splits, got "
+                             f"{output_splits} and {input_splits}")
+        return x
+    return _AllToAll.apply(x, output_splits, input_splits, group)
+
+
+def _pack_kept(dest: Tensor, counts: Tensor, capacity: int) -> Tuple[Tensor, Tensor]:
+    """Capacity plan ``dest = e * capacity + pos`` -> kept rows packed expert after expert; returns
+    (rows kept per expert, dest into the packed rows)."""
+    kept = counts.clamp(max=capacity)
+    if capacity == 0:
+        return kept, dest
+    starts = torch.cumsum(kept, 0) - kept
+    return kept, torch.where(dest >= 0, starts[dest.clamp(min=0) // capacity] + dest % capacity, dest)
+
+
+class ExpertParallelMoE(MoE):
+    """:class:`torchmoe.nn.MoE` (or :class:`~torchmoe.nn.SwitchMoE`) with its experts sharded over a process group.
+
+    Rank ``r`` of a group of ``W`` holds experts ``[r*E/W, (r+1)*E/W)`` under the same parameter names as
+    :class:`MoE` (``gate_proj``, ``up_proj``, ``down_proj``, first dim ``E/W``); the router is replicated. Each
+    rank routes its own tokens, sends every routed row to the rank that holds its expert
+    (``torch.distributed.all_to_all_single``), runs its local experts on what it received, and sends the results
+    back, where they are combined with the gate weights. ``E % W`` must be 0.
+
+    Contract: on every rank, for that rank's tokens (any count, zero included), the output, the input gradient,
+    the routing, :attr:`expert_counts`, :attr:`dropped_tokens` and :attr:`aux_loss` are those of the unsharded
+    layer applied to the same tokens; the capacity comes from the local token count, as there. A local expert's
+    weight gradient is the sum over ranks of the unsharded layer's gradients on each rank's tokens (the exchange's
+    backward brings it); the router's gradient is local (all-reduce it: :func:`allreduce_gradients`).
+
+    Construction is collective: the ranks check with a small all-gather that they agree on the layer's shape
+    (E, d_model, d_ff, k, activation, capacity) and that ``W`` divides E, and raise the same error on every rank
+    otherwise. Every forward is collective too: all ranks of the group must call it, and an input one rank
+    rejects (wrong last dim, dtype or device) raises on every rank instead of leaving the others waiting.
+
+    Modes:
+
+    - ``pad_to_capacity=False`` (default): only routed rows travel (dropless, or the rows kept under the
+      capacity). The per-expert row counts are exchanged first (one small all-to-all, one host copy of the
+      splits: free on CPU, one device-to-host sync per layer on CUDA).
+    - ``pad_to_capacity=True`` (capacity mode only): every rank sends ``[E, C, d_model]`` with equal splits, ``C``
+      the largest local capacity in the group (tokens are still dropped at the local capacity); no count
+      exchange, so shapes depend only on shapes: the static form for CUDA graphs. ``C`` comes from an all-gather
+      of host ints, free of device syncs on a group with a CPU backend (``backend="cpu:gloo,cuda:nccl"``).
+
+    Args:
+        *args, **kwargs: those of :class:`MoE`; the full layer is built (same initialisation as ``MoE`` under the
+            same seed) and each rank keeps its slice.
+        group: the process group the experts are sharded over (``None``: the default group).
+        pad_to_capacity: see Modes.
+
+    Expert-bias balancing (``use_expert_bias=True``): call :meth:`update_expert_bias`, which sums the counts over
+    the group first, so every replica's bias stays the same (``router.update_expert_bias(expert_counts)`` would use
+    the local counts only).
+
+    ``impl="reference"`` does not apply: the sharded layer always runs the fused ops.
+    """
+
+    def __init__(self, *args, group=None, pad_to_capacity: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._shard_(group, pad_to_capacity)
+
+    @classmethod
+    def from_moe(cls, moe: MoE, group=None, pad_to_capacity: bool = False) -> "ExpertParallelMoE":
+        """This rank's expert-parallel form of a full layer: the local slice of its experts and a copy of its
+        router. ``moe`` is left unchanged. Collective (see the class docstring): every rank of the group calls it,
+        with the same layer (e.g. built from the same seed)."""
+        if not isinstance(moe, MoE) or isinstance(moe, ExpertParallelMoE):
+            raise TypeError(f"ExpertParallelMoE.from_moe: moe must be a torchmoe.nn.MoE or SwitchMoE, got "
+                            f"{type(moe).__name__}")
+        ep = cls.__new__(cls)
+        nn.Module.__init__(ep)
+        for name, value in vars(moe).items():
+            if not name.startswith("_"):  # configuration and the last forward's statistics
+                ep.__dict__[name] = value
+        for name, module in moe.named_children():
+            ep.add_module(name, copy.deepcopy(module))
+        for name, buf in moe.named_buffers(recurse=False):
+            ep.register_buffer(name, buf.clone(), persistent=name not in moe._non_persistent_buffers_set)
+        for name, param in moe.named_parameters(recurse=False):
+            ep.register_parameter(name, param)  # sliced (and copied) by _shard_
+        for name in moe._parameters:
+            if moe._parameters[name] is None:
+                ep.register_parameter(name, None)
+        ep._shard_(group, pad_to_capacity)
+        return ep
+
+    def _shard_(self, group, pad_to_capacity: bool) -> None:
+        world, rank = _world(group)
+        self.group = group
+        self.world_size = world
+        self.rank = rank
+        self.pad_to_capacity = bool(pad_to_capacity)
+        E = self.num_experts
+        config = {
+            "num_experts": E,
+            "d_model": self.d_model,
+            "d_ff": self.d_ff,
+            "k": self.k,
+            "activation": _ACTIVATIONS.index(self.activation),
+            "capacity_factor": -1.0 if self.capacity_factor is None else self.capacity_factor,
+            "min_capacity": self.min_capacity,
+            "pad_to_capacity": int(self.pad_to_capacity),
+        }
+        gathered = _all_gather_values(list(config.values()), group)
+        for i, name in enumerate(config):
+            values = [row[i] for row in gathered]
+            if any(v != values[0] for v in values):
+                raise ValueError(f"ExpertParallelMoE: the ranks of the group disagree on {name}: {values} "
+                                 f"(ranks 0..{world - 1}); every rank must build the same layer")
+        if E % world != 0:
+            raise ValueError(f"ExpertParallelMoE: num_experts={E} is not divisible by the group's world size {world}")
+        if self.pad_to_capacity and self.capacity_factor is None:
+            raise ValueError("ExpertParallelMoE: pad_to_capacity=True needs a capacity_factor (it pads the "
+                             "capacity buffers; dropless routing has none)")
+        self.num_local_experts = E // world
+        self.expert_offset = rank * self.num_local_experts
+        lo, hi = self.expert_offset, self.expert_offset + self.num_local_experts
+        for name, param in list(self._parameters.items()):
+            if param is None:
+                continue
+            if param.dim() == 0 or param.shape[0] != E:
+                raise ValueError(f"ExpertParallelMoE: parameter {name} has shape {tuple(param.shape)}, expected a "
+                                 f"first dim of num_experts={E}")
+            self._parameters[name] = nn.Parameter(param.detach()[lo:hi].clone(), requires_grad=param.requires_grad)
+
+    def _weight(self) -> Tensor:
+        return self.up_proj
+
+    def _input_problem(self, x) -> str:
+        """Why this rank cannot run ``x`` ('' when it can)."""
+        w = self._weight()
+        if not isinstance(x, Tensor):
+            return f"x must be a tensor, got {type(x).__name__}"
+        if x.dim() < 1 or x.shape[-1] != self.d_model:
+            return f"x must have shape [..., d_model={self.d_model}], got {tuple(x.shape)}"
+        if x.dtype != w.dtype:
+            return f"x has dtype {x.dtype}, the expert weights {w.dtype}"
+        if x.device != w.device:
+            return f"x is on {x.device}, the expert weights on {w.device}"
+        return ""
+
+    def _raise_on_problems(self, metas: List[List[float]], problem: str) -> None:
+        # metas[s] = [ok, last dim, dtype code, ...] from rank s; the same decision on every rank.
+        bad = [s for s, m in enumerate(metas) if not m[0]]
+        if bad:
+            if problem:
+                raise ValueError(f"ExpertParallelMoE (rank {self.rank}): {problem}; every rank of the group raises")
+            dims = [int(metas[s][1]) for s in bad]
+            raise ValueError(f"ExpertParallelMoE: the input was rejected on rank(s) {bad} (wrong shape, dtype or "
+                             f"device; their x.shape[-1]: {dims}, d_model={self.d_model}); every rank of the group "
+                             f"raises")
+        dtypes = [_DTYPES[int(m[2])] if 0 <= m[2] < len(_DTYPES) else None for m in metas]
+        if any(dt != dtypes[0] for dt in dtypes):
+            raise ValueError(f"ExpertParallelMoE: the ranks' inputs have different dtypes: {dtypes}")
+
+    def _meta(self, x, problem: str) -> List[float]:
+        ok = not problem
+        dim = x.shape[-1] if isinstance(x, Tensor) and x.dim() > 0 else -1
+        code = _DTYPES.index(x.dtype) if ok and x.dtype in _DTYPES else -1
+        return [float(ok), float(dim), float(code)]
+
+    def forward(self, x: Tensor) -> Tensor:
+        problem = self._input_problem(x)
+        if self.pad_to_capacity:
+            return self._forward_padded(x, problem)
+        return self._forward_packed(x, problem)
+
+    def _finish(self, x: Tensor, y: Tensor, logits: Tensor, indices: Tensor, counts: Tensor, dropped: Tensor) -> Tensor:
+        self.aux_loss = self._aux_losses(logits, indices)
+        self.expert_counts = counts
+        self.dropped_tokens = dropped
+        return y.view(x.shape)
+
+    def _forward_packed(self, x: Tensor, problem: str) -> Tensor:
+        W, El, E = self.world_size, self.num_local_experts, self.num_experts
+        device = self._weight().device
+        if not problem:
+            h = x.reshape(-1, self.d_model)
+            weights, indices, logits = self.router(h)
+            if self.capacity_factor is None:
+                dest, counts = ops.route_plan(indices, E, -1)
+                send_counts = counts
+                dropped = torch.zeros((), dtype=torch.long, device=device)
+            else:
+                cap = ops.capacity(h.shape[0], E, self.k, self.capacity_factor, self.min_capacity)
+                dest, counts = ops.route_plan(indices, E, cap)
+                dropped = (dest < 0).sum()
+                send_counts, dest = _pack_kept(dest, counts, cap)
+        else:
+            send_counts = torch.zeros(E, dtype=torch.long, device=device)
+        if W == 1:
+            if problem:
+                raise ValueError(f"ExpertParallelMoE: {problem}")
+            rows = ops.dispatch(h, dest, int(send_counts.sum()))
+            y = ops.combine(self._experts_grouped(rows, send_counts), dest, weights)
+            return self._finish(x, y, logits, indices, counts, dropped)
+
+        # Row counts per (rank, local expert), with this rank's input check riding along.
+        meta = torch.tensor(self._meta(x, problem), device=device).to(torch.long)
+        packet = torch.cat([send_counts.view(W, El), meta.expand(W, meta.numel())], 1).contiguous()
+        received = torch.empty_like(packet)
+        dist.all_to_all_single(received, packet, group=self.group)
+        sent_host, received_host = torch.stack([packet, received]).tolist()  # the one host copy
+        self._raise_on_problems([row[El:] for row in received_host], problem)
+        send_splits = [sum(row[:El]) for row in sent_host]
+        recv_splits = [sum(row[:El]) for row in received_host]
+
+        rows = ops.dispatch(h, dest, sum(send_splits))  # grouped by expert, hence by destination rank
+        received_rows = all_to_all(rows, recv_splits, send_splits, self.group)
+        out = self._local_experts(received_rows, received[:, :El])
+        returned = all_to_all(out, send_splits, recv_splits, self.group)
+        y = ops.combine(returned, dest, weights)
+        return self._finish(x, y, logits, indices, counts, dropped)
+
+    def _local_experts(self, rows: Tensor, counts_by_source: Tensor) -> Tensor:
+        """Rows ordered by source rank, then local expert (``counts_by_source [W, E/W]``) through the local
+        experts, results in the same order."""
+        W, El = counts_by_source.shape
+        if W == 1 or El == 1:  # already expert-major
+            return self._experts_grouped(rows, counts_by_source.sum(0))
+        # Stable counting sort to expert-major: route_plan over the local expert id of every row.
+        num_rows = rows.shape[0]
+        expert_ids = torch.arange(El, device=rows.device).repeat(W)
+        local_ids = torch.repeat_interleave(expert_ids, counts_by_source.reshape(-1), output_size=num_rows)
+        perm, local_counts = ops.route_plan(local_ids.view(num_rows, 1), El, -1)
+        out = self._experts_grouped(ops.dispatch(rows, perm, num_rows), local_counts)
+        return out.index_select(0, perm.view(-1))
+
+    def _forward_padded(self, x: Tensor, problem: str) -> Tensor:
+        W, El, E, d = self.world_size, self.num_local_experts, self.num_experts, self.d_model
+        cap = 0
+        if not problem:
+            h = x.reshape(-1, d)
+            cap = ops.capacity(h.shape[0], E, self.k, self.capacity_factor, self.min_capacity)
+        metas = _all_gather_values(self._meta(x, problem) + [float(cap)], self.group)
+        if W == 1 and problem:
+            raise ValueError(f"ExpertParallelMoE: {problem}")
+        self._raise_on_problems(metas, problem)
+        C = int(max(m[-1] for m in metas))  # buffer rows per expert, the same on every rank
+
+        weights, indices, logits = self.router(h)
+        dest, counts = ops.route_plan(indices, E, C)
+        if cap < C:  # drop at the local capacity, as the unsharded layer does
+            dest = torch.where((dest >= 0) & (dest % C < cap), dest, -1)
+        dropped = (dest < 0).sum()
+        splits = [El * C] * W
+        buf = ops.dispatch(h, dest, E * C)
+        received = all_to_all(buf, splits, splits, self.group)
+        expert_in = received.view(W, El, C, d).transpose(0, 1).reshape(El, W * C, d)
+        out = self._experts_batched(expert_in).view(El, W, C, d).transpose(0, 1).reshape(E * C, d)
+        returned = all_to_all(out, splits, splits, self.group)
+        y = ops.combine(returned, dest, weights)
+        return self._finish(x, y, logits, indices, counts, dropped)
+
+    def global_expert_counts(self, counts: Optional[Tensor] = None) -> Tensor:
+        """``counts`` (default: :attr:`expert_counts` of the last forward) summed over the group: ``[E]`` int64."""
+        counts = self.expert_counts if counts is None else counts
+        total = counts.reshape(-1, self.num_experts).sum(0).to(torch.long)
+        if self.world_size > 1:
+            dist.all_reduce(total, group=self.group)
+        return total
+
+    def update_expert_bias(self, counts: Optional[Tensor] = None) -> None:
+        """``router.update_expert_bias`` on the counts of the whole group (:meth:`global_expert_counts`), so every
+        replica's expert bias stays the same. Collective."""
+        self.router.update_expert_bias(self.global_expert_counts(counts))
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        s += f", world_size={self.world_size}, rank={self.rank}, local_experts=[{self.expert_offset}, "
+        s += f"{self.expert_offset + self.num_local_experts})"
+        if self.pad_to_capacity:
+            s += ", pad_to_capacity=True"
+        return s
+
+
+def shard_experts(model: nn.Module, group=None, pad_to_capacity: bool = False) -> nn.Module:
+    """Replaces every :class:`torchmoe.nn.MoE` / :class:`~torchmoe.nn.SwitchMoE` inside ``model`` by its
+    :class:`ExpertParallelMoE` form (:meth:`ExpertParallelMoE.from_moe`), in place, and returns ``model``; a bare
+    ``MoE`` is returned converted. Collective: every rank of the group calls it on the same model. Build the
+    optimizer afterwards (the expert parameters are new tensors)."""
+    if isinstance(model, ExpertParallelMoE):
+        return model
+    if isinstance(model, MoE):
+        return ExpertParallelMoE.from_moe(model, group, pad_to_capacity)
+    for name, child in list(model.named_children()):
+        converted = shard_experts(child, group, pad_to_capacity)
+        if converted is not child:
+            setattr(model, name, converted)
+    return model
+
+
+def expert_parameters(model: nn.Module) -> List[Tuple[str, nn.Parameter]]:
+    """The sharded parameters of ``model`` (those of its :class:`ExpertParallelMoE` layers, router excluded), as
+    ``(name, parameter)`` with the names of ``model.named_parameters()``."""
+    found = []
+    for module_name, module in model.named_modules():
+        if isinstance(module, ExpertParallelMoE):
+            for name, param in module.named_parameters(recurse=False):
+                found.append((f"{module_name}.{name}" if module_name else name, param))
+    return found
+
+
+def allreduce_gradients(model: nn.Module, group=None, op: str = "mean") -> None:
+    """All-reduces the gradients of every replicated parameter of ``model`` (routers and everything outside the
+    MoE layers) over ``group``; sharded expert parameters are left alone, their gradients already hold every
+    rank's contribution. ``op="sum"``: replicated gradients summed. ``op="mean"``: replicated gradients averaged
+    and expert gradients divided by the world size, so an optimizer step equals a single-process step on the mean
+    of the ranks' losses. Replicated parameters without a gradient get zeros (every rank sends the same sizes).
+    Collective: every rank of the group calls it, after backward."""
+    if op not in ("mean", "sum"):
+        raise ValueError(f"allreduce_gradients: op must be 'mean' or 'sum', got {op!r}")
+    world, _ = _world(group)
+    if world == 1:
+        return
+    experts = expert_parameters(model)
+    expert_ids = {id(p) for _, p in experts}
+    buckets = {}  # (device, dtype) -> grads, in parameter order (the same on every rank)
+    for param in model.parameters():
+        if not param.requires_grad or id(param) in expert_ids:
+            continue
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        buckets.setdefault((param.grad.device, param.grad.dtype), []).append(param.grad)
+    for grads in buckets.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=group)
+        if op == "mean":
+            flat.div_(world)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+    if op == "mean":
+        for _, param in experts:
+            if param.grad is not None:
+                param.grad.div_(world)
