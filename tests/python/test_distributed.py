@@ -12,6 +12,9 @@ import copy
 import datetime
 import json
 import os
+import signal
+import subprocess
+import sys
 import time
 import traceback
 
@@ -514,3 +517,29 @@ def test_without_process_group_runs_as_one_rank():
         ep(torch.randn(3, 5, dtype=torch.float64))
     with pytest.raises(TypeError, match="must be a torchmoe.nn.MoE"):
         ExpertParallelMoE.from_moe(nn.Linear(2, 2))
+
+
+EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "train_expert_parallel.py")
+
+
+def _run_bounded(cmd, timeout):
+    """Runs cmd in its own session; on timeout the whole session (torchrun and its workers) is killed."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"{cmd} did not finish in {timeout} s:\n{out[-3000:]}")
+    return proc.returncode, out
+
+
+@pytest.mark.parametrize("mode", [[], ["--capacity-factor", "1.25", "--pad-to-capacity"]], ids=["dropless", "padded"])
+def test_example_under_torchrun_matches_single_process(mode):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", EXAMPLE,
+           "--steps", "4", "--corpus-chars", "20000", "--batch-size", "4", *mode]
+    code, out = _run_bounded(cmd, timeout=120)
+    assert code == 0, out[-3000:]
+    assert "2 rank(s) on cpu (gloo)" in out and "tokens/s over all ranks" in out, out[-3000:]
+    assert "rank 0 (experts 0-3)" in out and "rank 1 (experts 4-7)" in out, out[-3000:]
+    assert "(OK, tolerance 1e-09)" in out, out[-3000:]
