@@ -62,7 +62,7 @@ def _gather_objects(obj, group=None):
     return out
 
 
-def _check_layer(rank, world, make, token_counts, dtype=torch.float64, pad=False, group=None, shape=None,
+def _check_layer(make, token_counts, dtype=torch.float64, pad=False, group=None, shape=None,
                  seed_each_forward=False):
     """EP layer vs the unsharded one on every rank's tokens: output, input grad, routing, counts, drops, aux loss,
     expert weight grads (sum over ranks), router grad after allreduce_gradients(op="sum")."""
@@ -160,7 +160,7 @@ def all_to_all_bad_splits_and_world_size_one(rank, world):
     singles = [dist.new_group([r]) for r in range(world)]  # every rank creates every group
     own = singles[rank]
     assert all_to_all(x, [4], [4], group=own) is x  # world size one: passthrough
-    ep, _ = _check_layer(0, 1, lambda: MoE(6, 8, 4, k=2, capacity_factor=None), [7], group=own)
+    ep, _ = _check_layer(lambda: MoE(6, 8, 4, k=2, capacity_factor=None), [7], group=own)
     assert ep.world_size == 1 and ep.num_local_experts == 4
 
 
@@ -168,12 +168,12 @@ def all_to_all_bad_splits_and_world_size_one(rank, world):
 
 @case
 def dropless_k2_two_experts_per_rank_fp64(rank, world):
-    _check_layer(rank, world, lambda: MoE(8, 12, 2 * world, k=2, capacity_factor=None), _counts(world, 13, 6, 21, 9))
+    _check_layer(lambda: MoE(8, 12, 2 * world, k=2, capacity_factor=None), _counts(world, 13, 6, 21, 9))
 
 
 @case
 def dropless_k1_one_expert_per_rank_relu_zero_token_rank(rank, world):
-    _check_layer(rank, world, lambda: MoE(8, 12, world, k=1, capacity_factor=None, activation="relu"),
+    _check_layer(lambda: MoE(8, 12, world, k=1, capacity_factor=None, activation="relu"),
                  _counts(world, 11, 0, 17))
 
 
@@ -181,12 +181,12 @@ def dropless_k1_one_expert_per_rank_relu_zero_token_rank(rank, world):
 def dropless_sigmoid_groups_3d_input(rank, world):
     make = lambda: MoE(8, 12, 2 * world, k=2, capacity_factor=None, activation="gelu", score_func="sigmoid",  # noqa: E731
                        num_expert_groups=2, topk_expert_groups=1)
-    _check_layer(rank, world, make, _counts(world, 12, 8, 4, 16), shape=2)
+    _check_layer(make, _counts(world, 12, 8, 4, 16), shape=2)
 
 
 @case
 def capacity_k2_with_drops_zero_token_rank(rank, world):
-    ep, _ = _check_layer(rank, world, lambda: MoE(8, 12, 2 * world, k=2, capacity_factor=0.6),
+    ep, _ = _check_layer(lambda: MoE(8, 12, 2 * world, k=2, capacity_factor=0.6),
                          _counts(world, 30, 0, 19, 25))
     drops = _gather_objects(int(ep.dropped_tokens))
     assert sum(drops) > 0, drops  # the case does drop
@@ -194,34 +194,34 @@ def capacity_k2_with_drops_zero_token_rank(rank, world):
 
 @case
 def capacity_k1_one_expert_per_rank_gelu(rank, world):
-    _check_layer(rank, world, lambda: MoE(8, 12, world, k=1, capacity_factor=0.8, activation="gelu"),
+    _check_layer(lambda: MoE(8, 12, world, k=1, capacity_factor=0.8, activation="gelu"),
                  _counts(world, 23, 9, 14))
 
 
 @case
 def capacity_min_capacity_fp32(rank, world):
-    _check_layer(rank, world, lambda: MoE(8, 12, 2 * world, k=2, capacity_factor=0.5, min_capacity=2),
+    _check_layer(lambda: MoE(8, 12, 2 * world, k=2, capacity_factor=0.5, min_capacity=2),
                  _counts(world, 20, 3, 0, 11), dtype=torch.float32)
 
 
 @case
 def dropless_fp32(rank, world):
-    _check_layer(rank, world, lambda: MoE(16, 24, 2 * world, k=2, capacity_factor=None),
+    _check_layer(lambda: MoE(16, 24, 2 * world, k=2, capacity_factor=None),
                  _counts(world, 40, 17), dtype=torch.float32)
 
 
 @case
 def dropless_and_capacity_bf16(rank, world):
-    _check_layer(rank, world, lambda: MoE(16, 24, 2 * world, k=2, capacity_factor=None),
+    _check_layer(lambda: MoE(16, 24, 2 * world, k=2, capacity_factor=None),
                  _counts(world, 24, 10), dtype=torch.bfloat16)
-    _check_layer(rank, world, lambda: MoE(16, 24, world, k=1, capacity_factor=0.7),
+    _check_layer(lambda: MoE(16, 24, world, k=1, capacity_factor=0.7),
                  _counts(world, 24, 10), dtype=torch.bfloat16)
 
 
 @case
 def pad_to_capacity_k2_uneven_capacities(rank, world):
     # different local token counts -> different local capacities; the buffers use the largest one
-    ep, _ = _check_layer(rank, world, lambda: MoE(8, 12, 2 * world, k=2, capacity_factor=0.6),
+    ep, _ = _check_layer(lambda: MoE(8, 12, 2 * world, k=2, capacity_factor=0.6),
                          _counts(world, 30, 0, 19, 25), pad=True)
     assert ep.pad_to_capacity
 
@@ -229,22 +229,22 @@ def pad_to_capacity_k2_uneven_capacities(rank, world):
 @case
 def pad_to_capacity_k1_relu_fp32_and_bf16(rank, world):
     make = lambda: MoE(8, 12, world, k=1, capacity_factor=1.1, activation="relu")  # noqa: E731
-    _check_layer(rank, world, make, _counts(world, 14, 27, 5), dtype=torch.float32, pad=True)
-    _check_layer(rank, world, make, _counts(world, 14, 27, 5), dtype=torch.bfloat16, pad=True)
+    _check_layer(make, _counts(world, 14, 27, 5), dtype=torch.float32, pad=True)
+    _check_layer(make, _counts(world, 14, 27, 5), dtype=torch.bfloat16, pad=True)
 
 
 @case
 def switch_moe_capacity_and_padded(rank, world):
     make = lambda: SwitchMoE(8, 16, 2 * world, capacity_factor=1.0)  # noqa: E731
-    ep, _ = _check_layer(rank, world, make, _counts(world, 26, 15, 0, 31))
+    ep, _ = _check_layer(make, _counts(world, 26, 15, 0, 31))
     assert ep.k == 1
-    _check_layer(rank, world, make, _counts(world, 26, 15, 0, 31), pad=True)
+    _check_layer(make, _counts(world, 26, 15, 0, 31), pad=True)
 
 
 @case
 def noisy_router_training(rank, world):
     make = lambda: MoE(8, 12, 2 * world, k=2, capacity_factor=1.0, router="noisy")  # noqa: E731
-    _check_layer(rank, world, make, _counts(world, 18, 7), seed_each_forward=True)
+    _check_layer(make, _counts(world, 18, 7), seed_each_forward=True)
 
 
 @case
@@ -252,7 +252,7 @@ def deterministic_bitwise(rank, world):
     results = []
     for pad in (False, True):
         for _ in range(2):
-            ep, _ = _check_layer(rank, world, lambda: MoE(8, 12, 2 * world, k=2, capacity_factor=0.8),
+            ep, _ = _check_layer(lambda: MoE(8, 12, 2 * world, k=2, capacity_factor=0.8),
                                  _counts(world, 21, 13), dtype=torch.float32, pad=pad)
             x = _rand(7, 15, 8, dtype=torch.float32).requires_grad_()
             y = ep(x)
@@ -260,6 +260,32 @@ def deterministic_bitwise(rank, world):
             results.append([y.detach(), x.grad] + [p.grad for p in ep.parameters()])
         for a, b in zip(results[-2], results[-1]):
             assert torch.equal(a, b)
+
+
+@case
+def capacity_mode_sends_only_kept_rows(rank, world):
+    torch.manual_seed(2)
+    full = MoE(8, 12, 2 * world, k=2, capacity_factor=0.5)
+    ep = ExpertParallelMoE.from_moe(full)
+    x = _rand(70 + rank, 40, 8, dtype=torch.float32).requires_grad_()
+    sent_rows = []
+    original = dist.all_to_all_single
+
+    def counting(output, input, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False):
+        if input.dtype == torch.float32:  # the row exchanges (the count packet is int64)
+            sent_rows.append(input_split_sizes)
+        return original(output, input, output_split_sizes, input_split_sizes, group=group, async_op=async_op)
+
+    dist.all_to_all_single = counting
+    try:
+        ep(x).sum().backward()
+    finally:
+        dist.all_to_all_single = original
+    full(x)
+    kept = full.expert_counts.clamp(max=torchmoe.capacity(40, 2 * world, 2, 0.5)).view(world, 2).sum(1).tolist()
+    assert int(full.dropped_tokens) > 0
+    assert sent_rows[0] == kept, (sent_rows, kept)  # forward to the experts' ranks
+    assert len(sent_rows) == 4  # there and back, forward and backward
 
 
 @case
@@ -439,8 +465,8 @@ def subgroups_of_two(rank, world):
         return SKIPPED + "needs 4 ranks"
     pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
     group = pairs[rank // 2]
-    _check_layer(rank, world, lambda: MoE(8, 12, 4, k=2, capacity_factor=None), [15, 6], group=group)
-    _check_layer(rank, world, lambda: MoE(8, 12, 2, k=1, capacity_factor=0.7), [15, 6], group=group, pad=True)
+    _check_layer(lambda: MoE(8, 12, 4, k=2, capacity_factor=None), [15, 6], group=group)
+    _check_layer(lambda: MoE(8, 12, 2, k=1, capacity_factor=0.7), [15, 6], group=group, pad=True)
     return None
 
 
