@@ -103,6 +103,7 @@ def _worker(rank, world, init_file, args, queue):
         ep_s, full_s, ratio = _time_pair(step(ep), step(full), args.reps, args.inner)
         if rank == 0:
             queue.put((world, mode, ep_s, full_s, ratio, fwd_bytes / args.tokens))
+    dist.barrier()
     dist.destroy_process_group()
 
 

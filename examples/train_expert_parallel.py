@@ -183,6 +183,7 @@ def main(argv=None) -> int:
               f"first {abs(mean_losses[0] - ref_losses[0]):.2e}, largest {worst:.2e} "
               f"({'OK' if ok else 'MISMATCH'}, tolerance {tol:g})", flush=True)
     if distributed:
+        dist.barrier()  # the other ranks wait for rank 0's replay: a rank leaving early can abort in gloo's teardown
         dist.destroy_process_group()
     return 0 if ok else 1
 

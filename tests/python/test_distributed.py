@@ -486,6 +486,7 @@ def _worker(rank, world, init_file, out_dir):
         with open(path + ".tmp", "w") as f:
             json.dump(results, f)
         os.replace(path + ".tmp", path)
+    dist.barrier()
     dist.destroy_process_group()
 
 
