@@ -11,6 +11,7 @@ Transport is torch.distributed's (gloo on CPU, NCCL on GPUs); nothing here talks
 initialised process group (and ``group=None``) everything runs as a group of one.
 """
 import copy
+import operator
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -59,11 +60,13 @@ def _all_gather_values(values: Sequence[float], group) -> List[List[float]]:
 
 
 def _check_splits(name: str, splits, world: int) -> List[int]:
-    if isinstance(splits, Tensor):
-        splits = splits.tolist()
-    splits = list(splits)
-    if len(splits) != world or any(not isinstance(s, int) or s < 0 for s in splits):
-        raise ValueError(f"all_to_all: {name} must be {world} non-negative ints (one per rank), got {splits}")
+    given = splits.tolist() if isinstance(splits, Tensor) else splits
+    try:
+        splits = [operator.index(s) for s in given]  # ints, numpy ints, 0-d int tensors
+    except TypeError:
+        splits = None
+    if splits is None or len(splits) != world or any(s < 0 for s in splits):
+        raise ValueError(f"all_to_all: {name} must be {world} non-negative ints (one per rank), got {given!r}")
     return splits
 
 

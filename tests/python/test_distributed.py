@@ -540,6 +540,11 @@ def test_without_process_group_runs_as_one_rank():
         assert torch.equal(ep.expert_counts, full.expert_counts) and torch.equal(ep.dropped_tokens, full.dropped_tokens)
     x = torch.randn(5, 3)
     assert all_to_all(x, [5], [5]) is x
+    assert all_to_all(x, (torch.tensor(5),), torch.tensor([5])) is x  # any ints
+    with pytest.raises(ValueError, match="output_splits must be 1 non-negative ints"):
+        all_to_all(x, [5.0], [5])
+    with pytest.raises(ValueError, match="input_splits sum to 4"):
+        all_to_all(x, [4], [4])
     with pytest.raises(ValueError, match="d_model=8"):
         ep(torch.randn(3, 5, dtype=torch.float64))
     with pytest.raises(TypeError, match="must be a torchmoe.nn.MoE"):
