@@ -256,16 +256,18 @@ class ExpertParallelMoE(MoE):
             return f"x is on {x.device}, the expert weights on {w.device}"
         return ""
 
-    def _raise_on_problems(self, metas: List[List[float]], problem: str) -> None:
+    def _raise_on_problems(self, metas: List[List[float]], problem: str, error: Optional[BaseException]) -> None:
         # metas[s] = [ok, last dim, dtype code, ...] from rank s; the same decision on every rank.
         bad = [s for s, m in enumerate(metas) if not m[0]]
         if bad:
+            if error is not None:
+                raise error
             if problem:
                 raise ValueError(f"ExpertParallelMoE (rank {self.rank}): {problem}; every rank of the group raises")
             dims = [int(metas[s][1]) for s in bad]
-            raise ValueError(f"ExpertParallelMoE: the input was rejected on rank(s) {bad} (wrong shape, dtype or "
-                             f"device; their x.shape[-1]: {dims}, d_model={self.d_model}); every rank of the group "
-                             f"raises")
+            raise ValueError(f"ExpertParallelMoE: rank(s) {bad} could not run their input (wrong shape, dtype or "
+                             f"device, or an error while routing; their x.shape[-1]: {dims}, d_model={self.d_model});"
+                             f" every rank of the group raises")
         dtypes = [_DTYPES[int(m[2])] if 0 <= m[2] < len(_DTYPES) else None for m in metas]
         if any(dt != dtypes[0] for dt in dtypes):
             raise ValueError(f"ExpertParallelMoE: the ranks' inputs have different dtypes: {dtypes}")
@@ -291,23 +293,26 @@ class ExpertParallelMoE(MoE):
     def _forward_packed(self, x: Tensor, problem: str) -> Tensor:
         W, El, E = self.world_size, self.num_local_experts, self.num_experts
         device = self._weight().device
+        error = None
         if not problem:
-            h = x.reshape(-1, self.d_model)
-            weights, indices, logits = self.router(h)
-            if self.capacity_factor is None:
-                dest, counts = ops.route_plan(indices, E, -1)
-                send_counts = counts
-                dropped = torch.zeros((), dtype=torch.long, device=device)
-            else:
-                cap = ops.capacity(h.shape[0], E, self.k, self.capacity_factor, self.min_capacity)
-                dest, counts = ops.route_plan(indices, E, cap)
-                dropped = (dest < 0).sum()
-                send_counts, dest = _pack_kept(dest, counts, cap)
-        else:
+            try:
+                h = x.reshape(-1, self.d_model)
+                weights, indices, logits = self.router(h)
+                if self.capacity_factor is None:
+                    dest, counts = ops.route_plan(indices, E, -1)
+                    send_counts = counts
+                    dropped = torch.zeros((), dtype=torch.long, device=device)
+                else:
+                    cap = ops.capacity(h.shape[0], E, self.k, self.capacity_factor, self.min_capacity)
+                    dest, counts = ops.route_plan(indices, E, cap)
+                    dropped = (dest < 0).sum()
+                    send_counts, dest = _pack_kept(dest, counts, cap)
+            except Exception as e:  # raised after the count exchange, on every rank, not left to hang the others
+                error, problem = e, f"routing failed: {type(e).__name__}: {e}"
+        if problem:
             send_counts = torch.zeros(E, dtype=torch.long, device=device)
         if W == 1:
-            if problem:
-                raise ValueError(f"ExpertParallelMoE: {problem}")
+            self._raise_on_problems([self._meta(x, problem)], problem, error)
             rows = ops.dispatch(h, dest, int(send_counts.sum()))
             y = ops.combine(self._experts_grouped(rows, send_counts), dest, weights)
             return self._finish(x, y, logits, indices, counts, dropped)
@@ -318,7 +323,7 @@ class ExpertParallelMoE(MoE):
         received = torch.empty_like(packet)
         dist.all_to_all_single(received, packet, group=self.group)
         sent_host, received_host = torch.stack([packet, received]).tolist()  # the one host copy
-        self._raise_on_problems([row[El:] for row in received_host], problem)
+        self._raise_on_problems([row[El:] for row in received_host], problem, error)
         send_splits = [sum(row[:El]) for row in sent_host]
         recv_splits = [sum(row[:El]) for row in received_host]
 
@@ -345,17 +350,18 @@ class ExpertParallelMoE(MoE):
 
     def _forward_padded(self, x: Tensor, problem: str) -> Tensor:
         W, El, E, d = self.world_size, self.num_local_experts, self.num_experts, self.d_model
-        cap = 0
+        cap, error = 0, None
         if not problem:
-            h = x.reshape(-1, d)
-            cap = ops.capacity(h.shape[0], E, self.k, self.capacity_factor, self.min_capacity)
+            try:
+                h = x.reshape(-1, d)
+                cap = ops.capacity(h.shape[0], E, self.k, self.capacity_factor, self.min_capacity)
+                weights, indices, logits = self.router(h)
+            except Exception as e:  # raised after the all-gather, on every rank
+                error, problem, cap = e, f"routing failed: {type(e).__name__}: {e}", 0
         metas = _all_gather_values(self._meta(x, problem) + [float(cap)], self.group)
-        if W == 1 and problem:
-            raise ValueError(f"ExpertParallelMoE: {problem}")
-        self._raise_on_problems(metas, problem)
+        self._raise_on_problems(metas, problem, error)
         C = int(max(m[-1] for m in metas))  # buffer rows per expert, the same on every rank
 
-        weights, indices, logits = self.router(h)
         dest, counts = ops.route_plan(indices, E, C)
         if cap < C:  # drop at the local capacity, as the unsharded layer does
             dest = torch.where((dest >= 0) & (dest % C < cap), dest, -1)

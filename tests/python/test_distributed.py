@@ -344,6 +344,25 @@ def bad_input_on_one_rank_raises_everywhere(rank, world):
         allreduce_gradients(ep, op="max")
 
 
+@case
+def routing_error_on_one_rank_raises_everywhere(rank, world):
+    def broken_router(h):
+        raise RuntimeError("router broke")
+
+    for pad in (False, True):
+        torch.manual_seed(0)
+        full = MoE(8, 12, world, k=1, capacity_factor=1.0)
+        ep = ExpertParallelMoE.from_moe(full, pad_to_capacity=pad)
+        x = _rand(45 + rank, 6, 8, dtype=torch.float32)
+        if rank == world - 1:
+            ep.router.forward = broken_router
+        with pytest.raises(RuntimeError if rank == world - 1 else ValueError,
+                           match="router broke" if rank == world - 1 else rf"rank\(s\) \[{world - 1}\]"):
+            ep(x)
+        ep.router.__dict__.pop("forward", None)
+        torch.testing.assert_close(ep(x), full(x), rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------- training: shard_experts, DDP, expert bias
 
 class _TwoLayerModel(nn.Module):
