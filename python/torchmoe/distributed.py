@@ -147,7 +147,8 @@ class ExpertParallelMoE(MoE):
     Construction is collective: the ranks check with a small all-gather that they agree on the layer's shape
     (E, d_model, d_ff, k, activation, capacity) and that ``W`` divides E, and raise the same error on every rank
     otherwise. Every forward is collective too: all ranks of the group must call it, and an input one rank
-    rejects (wrong last dim, dtype or device) raises on every rank instead of leaving the others waiting.
+    rejects (wrong last dim, dtype or device) or an exception in one rank's routing raises on every rank instead
+    of leaving the others waiting.
 
     Modes:
 
