@@ -117,8 +117,12 @@ def main(argv=None) -> int:
         bar = tqdm(total=args.steps, desc="expert-parallel", disable=not is_main)
     except ImportError:
         bar = None
-    start = time.perf_counter()
+    warmup = 2 if args.steps > 4 else 0  # steps left out of tokens/s (first calls allocate and warm caches)
     for step in range(args.steps):
+        if step == warmup:
+            if distributed:
+                dist.barrier()
+            start = time.perf_counter()
         x, y = batches.next()
         loss = lm_loss(model, x, y)
         opt.zero_grad(set_to_none=True)
@@ -137,6 +141,7 @@ def main(argv=None) -> int:
     if distributed:
         dist.barrier()
     elapsed = time.perf_counter() - start
+    timed_steps = args.steps - warmup
     if bar is not None:
         bar.close()
 
@@ -148,8 +153,8 @@ def main(argv=None) -> int:
         assignments = counts.sum(1, keepdim=True).clamp(min=1)
         share = (counts.double() / assignments).cpu()
         per_rank = share.view(cfg.n_layer, world, -1).sum(-1)
-        print(f"\n{elapsed:.1f} s, {tokens_per_step * args.steps / elapsed:,.0f} tokens/s over all ranks "
-              f"({tokens_per_step // world} tokens per rank and step); dropped assignments: "
+        print(f"\n{tokens_per_step * timed_steps / elapsed:,.0f} tokens/s over all ranks (steps {warmup + 1}-"
+              f"{args.steps}, {elapsed:.1f} s; {tokens_per_step // world} tokens per rank and step); dropped assignments: "
               f"{int(dropped.sum())} of {int(counts.sum())}")
         print("expert load (share of each layer's token-expert assignments processed by each rank's experts; "
               f"{100 / world:.1f}% is balanced):")
