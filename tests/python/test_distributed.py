@@ -33,7 +33,7 @@ from torchmoe.nn import MoE, SwitchMoE
 WORLD_SIZES = (2, 4)
 COLLECTIVE_TIMEOUT_S = 30
 SPAWN_TIMEOUT_S = 120
-TOLERANCES = {torch.float64: 1e-9, torch.float32: 1e-5, torch.bfloat16: 2e-2}
+TOLERANCES = {torch.float64: 1e-9, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 1e-2}
 SKIPPED = "skipped: "
 
 CASES = {}
@@ -106,8 +106,8 @@ def _check_layer(make, token_counts, dtype=torch.float64, pad=False, group=None,
     for name, param in ep.named_parameters(recurse=False):
         _assert_close(param.grad, getattr(full, name).grad[lo:hi], dtype, f"{name} gradient (sum over ranks)")
     allreduce_gradients(ep, group=group, op="sum")
-    # router math is float32; a bf16 router's gradient is rounded to bf16 on every rank before the sum
-    router_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+    # router math is float32; a 16-bit router's gradient is rounded to 16 bits on every rank before the sum
+    router_dtype = dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
     _assert_close(ep.router.weight.grad, full.router.weight.grad, router_dtype,
                   "router gradient after allreduce_gradients(op='sum')")
     return ep, full
@@ -211,11 +211,10 @@ def dropless_fp32(rank, world):
 
 
 @case
-def dropless_and_capacity_bf16(rank, world):
-    _check_layer(lambda: MoE(16, 24, 2 * world, k=2, capacity_factor=None),
-                 _counts(world, 24, 10), dtype=torch.bfloat16)
-    _check_layer(lambda: MoE(16, 24, world, k=1, capacity_factor=0.7),
-                 _counts(world, 24, 10), dtype=torch.bfloat16)
+def dropless_and_capacity_bf16_fp16(rank, world):
+    for dtype in (torch.bfloat16, torch.float16):
+        _check_layer(lambda: MoE(16, 24, 2 * world, k=2, capacity_factor=None), _counts(world, 24, 10), dtype=dtype)
+        _check_layer(lambda: MoE(16, 24, world, k=1, capacity_factor=0.7), _counts(world, 24, 10), dtype=dtype)
 
 
 @case
