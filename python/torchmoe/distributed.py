@@ -97,7 +97,8 @@ def all_to_all(x: Tensor, output_splits: Sequence[int], input_splits: Sequence[i
     Args:
         x: ``[N, ...]`` with ``N == sum(input_splits)``; any dtype torch.distributed's backend carries. It is made
             contiguous before sending.
-        output_splits, input_splits: one non-negative int per rank of ``group`` (Python ints, known on the host).
+        output_splits, input_splits: one non-negative int per rank of ``group`` (Python or numpy ints, or an int
+            tensor, read on the host).
         group: process group, ``None`` for the default one.
 
     Returns ``[sum(output_splits), ...]`` on ``x.device``. The backward pass is the same exchange with the splits
@@ -148,7 +149,8 @@ class ExpertParallelMoE(MoE):
     (E, d_model, d_ff, k, activation, capacity) and that ``W`` divides E, and raise the same error on every rank
     otherwise. Every forward is collective too: all ranks of the group must call it, and an input one rank
     rejects (wrong last dim, dtype or device) or an exception in one rank's routing raises on every rank instead
-    of leaving the others waiting.
+    of leaving the others waiting. Backward is collective as well: every rank must backpropagate through each
+    forward it ran (a rank whose loss does not use the layer's output would leave the others waiting).
 
     Modes:
 
