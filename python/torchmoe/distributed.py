@@ -196,11 +196,8 @@ class ExpertParallelMoE(MoE):
             ep.add_module(name, copy.deepcopy(module))
         for name, buf in moe.named_buffers(recurse=False):
             ep.register_buffer(name, buf.clone(), persistent=name not in moe._non_persistent_buffers_set)
-        for name, param in moe.named_parameters(recurse=False):
+        for name, param in moe._parameters.items():  # in MoE's order, None (no gate_proj) included
             ep.register_parameter(name, param)  # sliced (and copied) by _shard_
-        for name in moe._parameters:
-            if moe._parameters[name] is None:
-                ep.register_parameter(name, None)
         ep._shard_(group, pad_to_capacity)
         return ep
 
