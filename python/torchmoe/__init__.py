@@ -46,7 +46,7 @@ built_with_cuda = _library.built_with_cuda
 
 def __getattr__(name):
     # Submodules that import torch.nn machinery load on first use.
-    if name in ("nn", "losses"):
+    if name in ("nn", "losses", "distributed"):
         import importlib
 
         return importlib.import_module(f".{name}", __name__)
