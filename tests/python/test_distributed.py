@@ -615,3 +615,10 @@ def test_example_under_torchrun_matches_single_process(mode):
     assert "2 rank(s) on cpu (gloo)" in out and "tokens/s over all ranks" in out, out[-3000:]
     assert "rank 0 (experts 0-3)" in out and "rank 1 (experts 4-7)" in out, out[-3000:]
     assert "(OK, tolerance 1e-09)" in out, out[-3000:]
+
+
+def test_distributed_module_loads_on_first_use():
+    code = "import sys, torchmoe; assert 'torchmoe.distributed' not in sys.modules; print(torchmoe.distributed.ExpertParallelMoE.__name__)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "ExpertParallelMoE"
