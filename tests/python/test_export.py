@@ -61,6 +61,18 @@ def test_export_with_dynamic_batch_equals_eager(name):
         assert dropped > 0  # the capacity limit bites, so a capacity other than torchmoe.capacity's would show
 
 
+def test_exported_capacity_layer_saves_and_loads(tmp_path):
+    layer = _layers()["moe_capacity"].eval()
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    ep = torch.export.export(layer, (torch.randn(4, SEQ, D),), dynamic_shapes=({0: batch},))
+    torch.export.save(ep, str(tmp_path / "moe.pt2"))
+    loaded = torch.export.load(str(tmp_path / "moe.pt2")).module()
+    for b in (1, 9):
+        x = torch.randn(b, SEQ, D)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), layer(x), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("capacity_factor,k,experts,min_capacity", [
     (0.7, 2, 2, 0), (1.25, 2, 4, 0), (1.1, 3, 6, 0), (0.3, 2, 8, 5), (0.0, 1, 4, 2), (0.35, 2, 2, 0),
 ])

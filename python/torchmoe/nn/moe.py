@@ -183,8 +183,9 @@ class MoE(nn.Module):
             dest, counts = ops.route_plan(indices, self.num_experts, cap)
             return cap, dest, counts
         # torchmoe.capacity's arithmetic in the same order (so equal for every token count), without its int()
-        # and max/min, which would specialize the token count.
-        cap = math.floor(self.k * capacity_factor * num_tokens / self.num_experts)
+        # and max/min, which would specialize the token count; sym_int truncates, which is floor here (the value
+        # is >= 0), and unlike math.floor torch.export.save can write it.
+        cap = torch.sym_int(self.k * capacity_factor * num_tokens / self.num_experts)
         if self.min_capacity > 0:
             cap = torch.sym_max(self.min_capacity, cap)
         cap = torch.sym_min(cap, num_tokens)
