@@ -90,7 +90,7 @@ else
   if [ -d "$objects" ]; then
     how="incremental: ninja recompiles only what changed"
   elif [ "$variant" = cuda ]; then
-    how="a first CUDA build, every kernel for sm_80 and sm_90: about 6 min on 2 cores"
+    how="a first CUDA build, every kernel for sm_80 and sm_90: about 7 min on 2 cores"
   else
     how="a first CPU-only build: about 3 min on 2 cores"
   fi
