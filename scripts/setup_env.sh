@@ -43,8 +43,14 @@ export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 # The torch requested: install it (and the build tools) when the venv does not hold it yet.
 eval "$("$PY" "$ROOT/scripts/build_stamp.py")"
 torch_wanted="${TORCH_SPEC#torch==}"
-if [ -z "$torch_version" ] || { [ "$torch_wanted" != "$TORCH_SPEC" ] && [ "${torch_version%%+*}" != "$torch_wanted" ]; } \
-    || ! [ -x "$VENV/bin/ninja" ]; then
+# A spec other than torch==X (e.g. torch>=2.13) is satisfied by any installed torch; 2.13.0 by 2.13.0+cpu.
+torch_ok=0
+if [ -n "$torch_version" ]; then
+  if [ "$torch_wanted" = "$TORCH_SPEC" ] || [ "$torch_version" = "$torch_wanted" ] || [ "${torch_version%%+*}" = "$torch_wanted" ]; then
+    torch_ok=1
+  fi
+fi
+if [ "$torch_ok" = 0 ] || ! [ -x "$VENV/bin/ninja" ]; then
   if [ "$TORCH_SPEC" = "torch==2.14.1" ]; then
     echo "== installing torch==2.14.1 (a CUDA 13.0 build: about 3 GB of wheels with its nvidia-* libraries, 4.5 GB"
     echo "   installed; minutes to download, under a minute from pip's cache) and the build tools into $VENV"
