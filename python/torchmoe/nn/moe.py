@@ -1,6 +1,6 @@
 """Sparse Mixture-of-Experts layers on torchmoe's fused ops: :class:`MoE` and :class:`SwitchMoE`."""
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -165,6 +165,45 @@ class MoE(nn.Module):
             return x.device.type == "cpu"
         return x.device.type == "cpu" and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
 
+    # Capacity mode with a symbolic token count (torch.export / torch.compile with a dynamic batch): the capacity
+    # stays an expression of the token count, so an exported capacity-mode layer takes any batch size.
+    def _capacity_plan(self, indices: Tensor, num_tokens: int, capacity_factor: float) -> Tuple[int, Tensor, Tensor]:
+        if torch.jit.is_scripting():
+            cap = ops.capacity(num_tokens, self.num_experts, self.k, capacity_factor, self.min_capacity)
+            dest, counts = ops.route_plan(indices, self.num_experts, cap)
+            return cap, dest, counts
+        return self._capacity_plan_traced(indices, num_tokens, capacity_factor)
+
+    @torch.jit.unused
+    def _capacity_plan_traced(
+        self, indices: Tensor, num_tokens: int, capacity_factor: float
+    ) -> Tuple[int, Tensor, Tensor]:
+        if not isinstance(num_tokens, torch.SymInt):
+            cap = ops.capacity(num_tokens, self.num_experts, self.k, capacity_factor, self.min_capacity)
+            dest, counts = ops.route_plan(indices, self.num_experts, cap)
+            return cap, dest, counts
+        # torchmoe.capacity's arithmetic in the same order (so equal for every token count), without its int()
+        # and max/min, which would specialize the token count; sym_int truncates, which is floor here (the value
+        # is >= 0), and unlike math.floor torch.export.save can write it.
+        cap = torch.sym_int(self.k * capacity_factor * num_tokens / self.num_experts)
+        if self.min_capacity > 0:
+            cap = torch.sym_max(self.min_capacity, cap)
+        cap = torch.sym_min(cap, num_tokens)
+        # route_plan's kernels take the capacity as a plain int, which would specialize a symbolic one. The
+        # dropless plan has the same queues in the same order (dest = start(e) + pos): keep pos < capacity.
+        dropless, counts = ops.route_plan(indices, self.num_experts, -1)
+        pos = dropless - (torch.cumsum(counts, 0) - counts)[indices]
+        return cap, torch.where(pos < cap, indices * cap + pos, -1), counts
+
+    def _capacity_layout(self, t: Tensor, cap: int, split: bool) -> Tensor:
+        # [E * capacity, d_model] -> [E, capacity, d_model] (split) or back, for dispatch's and bmm's outputs.
+        E, d = self.num_experts, self.d_model
+        if torch.jit.is_scripting() or not isinstance(cap, torch.SymInt):
+            return t.view(E, cap, d) if split else t.view(E * cap, d)
+        # view's checks guard on the capacity being 0 or 1, which a symbolic capacity leaves open (small batches
+        # give such capacities); both tensors are contiguous, so their strides give the same views.
+        return t.as_strided((E, cap, d), (cap * d, d, 1)) if split else t.as_strided((E * cap, d), (d, 1))
+
     def _aux_losses(self, logits: Tensor, indices: Tensor) -> Tensor:
         load_loss: Optional[Tensor] = None
         if hasattr(self.router, "load_loss"):
@@ -180,10 +219,9 @@ class MoE(nn.Module):
         weights, indices, logits = self.router(h)
         capacity_factor = self.capacity_factor
         if capacity_factor is not None:
-            cap = ops.capacity(num_tokens, self.num_experts, self.k, capacity_factor, self.min_capacity)
-            dest, counts = ops.route_plan(indices, self.num_experts, cap)
+            cap, dest, counts = self._capacity_plan(indices, num_tokens, capacity_factor)
             dropped = (dest < 0).sum()
-            if cap > 0 and self._skip_padding(x):
+            if self._skip_padding(x) and cap > 0:
                 # Only the kept rows, packed expert after expert: dest e * cap + pos -> start(e) + pos.
                 kept = counts.clamp(max=cap)
                 starts = torch.cumsum(kept, 0) - kept
@@ -191,8 +229,8 @@ class MoE(nn.Module):
                 rows = ops.dispatch(h, dest, int(kept.sum()))
                 out = self._experts_grouped(rows, kept)
             else:
-                buf = ops.dispatch(h, dest, self.num_experts * cap).view(self.num_experts, cap, self.d_model)
-                out = self._experts_batched(buf).view(self.num_experts * cap, self.d_model)
+                buf = self._capacity_layout(ops.dispatch(h, dest, self.num_experts * cap), cap, split=True)
+                out = self._capacity_layout(self._experts_batched(buf), cap, split=False)
         else:
             dest, counts = ops.route_plan(indices, self.num_experts, -1)
             rows = ops.dispatch(h, dest, num_tokens * self.k)
