@@ -253,10 +253,12 @@ def router_aux_loss(
     aux_loss_weight: float,
     z_loss_weight: float,
     load_loss: Optional[Tensor] = None,
+    counts: Optional[Tensor] = None,
 ) -> Tensor:
     """A sparse layer's weighted auxiliary loss: Switch load balancing on the router probabilities (sigmoid
     scores normalised per token, or the softmax), plus the router z-loss, plus the noisy router's load loss
-    (given only in training) under the load-balancing weight."""
+    (given only in training) under the load-balancing weight. ``counts``: assignments per expert if already
+    counted (route_plan's counts), passed to the load-balancing loss."""
     aux = torch.zeros((), dtype=torch.float32, device=logits.device)
     if aux_loss_weight != 0.0:
         if score_func == "sigmoid":
@@ -264,7 +266,7 @@ def router_aux_loss(
             probs = s / s.sum(-1, keepdim=True).clamp_min(1e-20)
         else:
             probs = torch.softmax(logits, dim=-1)
-        aux = aux + aux_loss_weight * losses.switch_load_balancing_loss(probs, indices)
+        aux = aux + aux_loss_weight * losses.switch_load_balancing_loss(probs, indices, counts)
     if z_loss_weight != 0.0:
         aux = aux + z_loss_weight * losses.router_z_loss(logits)
     if load_loss is not None and aux_loss_weight != 0.0:
