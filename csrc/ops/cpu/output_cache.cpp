@@ -89,7 +89,11 @@ class BlockCache final : public c10::Allocator {
     if (block != nullptr) {
       if (trim_to > trim_from) madvise(static_cast<char*>(block) + trim_from, trim_to - trim_from, MADV_DONTNEED);
     } else {
-      void* mapped = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      void* mapped = map_block(size);
+      if (mapped == MAP_FAILED) {
+        release();  // free blocks of other sizes may be what is in the way
+        mapped = map_block(size);
+      }
       TORCH_CHECK(mapped != MAP_FAILED, "torchmoe: out of CPU memory allocating ", size, " bytes");
       block = mapped;
       std::lock_guard<std::mutex> lock(mutex_);
@@ -135,6 +139,10 @@ class BlockCache final : public c10::Allocator {
 
  private:
   static void give_back(void* block) { instance().put(block); }
+
+  static void* map_block(size_t size) {
+    return mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  }
 
   // Moves the longest-held free blocks to `unmap` until they held at least `bytes` resident bytes (or none
   // is left).
