@@ -101,7 +101,8 @@ struct SkinnyBlock {
   int64_t begin, end;
 };
 
-// About 4 blocks per thread over all skinny experts, each a multiple of 64 columns (whole cache lines of w).
+// About 4 blocks per thread over all skinny experts, each a multiple of 64 columns (whole cache lines of w,
+// and whole strips of the kernel for 2 or more rows).
 std::vector<SkinnyBlock> skinny_blocks(const std::vector<int64_t>& offsets, int64_t width, bool dtype_ok) {
   std::vector<int64_t> experts;
   for (size_t e = 0; e + 1 < offsets.size(); ++e) {

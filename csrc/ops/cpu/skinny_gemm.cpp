@@ -1,6 +1,6 @@
-// skinny_mm: w is walked in column strips of kStrip(RB) columns, row p after row p, each strip once per group
-// of at most 8 rows (a second group re-reads the strip from L2). A strip's accumulators (RB rows x 2 or 4
-// vectors) stay in registers; w rows lie a whole row stride apart, so the next rows are prefetched.
+// skinny_mm: w is walked in column strips (16 * kVectors<RB> columns), row p after row p, each strip once per
+// group of at most 8 rows (a second group re-reads the strip from L2). A strip's accumulators (RB rows x
+// kVectors<RB> vectors) stay in registers; w's rows lie a row stride apart, so the next rows are prefetched.
 // skinny_mm_transposed: w's rows are contiguous along the reduction, so each pair of w rows is streamed once
 // against every row of g (vector accumulators, reduced at the end).
 #include "ops/cpu/skinny_gemm.h"
@@ -100,41 +100,44 @@ inline __mmask16 lane_mask(int64_t left) {
 }
 
 template <int RB>
-constexpr int kVectors = RB <= 4 ? 4 : 2;  // accumulators RB * kVectors <= 16, plus the w vectors
+// Vectors per strip row: RB * kVectors <= 16 accumulators, the widest strip that leaves registers for w.
+constexpr int kVectors = RB == 1 ? 16 : RB == 2 ? 8 : RB <= 4 ? 4 : 2;
 
-// acc (RB rows x 16 * kVectors<RB> floats, row stride 16 * kVectors) = x[0:RB, :] @ w[:, 0:cols].
-template <typename T, int RB>
+// acc (RB rows x 16 * kVectors<RB> floats, row stride 16 * kVectors) = x[0:RB, :] @ w[:, 0:cols]; Full: cols is
+// the whole strip (no masks to keep, which would not fit the mask registers).
+template <typename T, int RB, bool Full>
 TORCHMOE_SKINNY_AVX512 void strip(int64_t k, const float* x, int64_t ldx, const T* w, int64_t ldw, int64_t cols,
                                   float* acc_out) {
   constexpr int NV = kVectors<RB>;
-  constexpr int64_t kPrefetchRows = 8;
+  if constexpr (Full) cols = 16 * NV;
   constexpr int kLines = static_cast<int>((16 * NV * sizeof(T) + 63) / 64);
+  constexpr int64_t kPrefetchRows = std::max(4, 64 / kLines);  // about 4 KiB of w in flight
   __mmask16 masks[NV];
   for (int v = 0; v < NV; ++v) masks[v] = lane_mask(cols - 16 * v);
   __m512 acc[RB][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < RB; ++r) {
-#pragma GCC unroll 4
+#pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
   }
   for (int64_t p = 0; p < k; ++p) {
     const T* wr = w + p * ldw;
     const char* ahead = reinterpret_cast<const char*>(wr + kPrefetchRows * ldw);  // prefetches never fault
-#pragma GCC unroll 4
+#pragma GCC unroll 16
     for (int l = 0; l < kLines; ++l) _mm_prefetch(ahead + 64 * l, _MM_HINT_T0);
     __m512 wv[NV];
-#pragma GCC unroll 4
+#pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) wv[v] = load16(wr + 16 * v, masks[v]);
 #pragma GCC unroll 8
     for (int r = 0; r < RB; ++r) {
       const __m512 xv = _mm512_set1_ps(x[r * ldx + p]);
-#pragma GCC unroll 4
+#pragma GCC unroll 16
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(xv, wv[v], acc[r][v]);
     }
   }
 #pragma GCC unroll 8
   for (int r = 0; r < RB; ++r) {
-#pragma GCC unroll 4
+#pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) _mm512_storeu_ps(acc_out + r * 16 * NV + 16 * v, acc[r][v]);
   }
 }
@@ -146,7 +149,11 @@ void strips(int64_t k, int64_t j0, int64_t j1, const float* x, int64_t ldx, cons
   float acc[RB * kWidth];
   for (int64_t j = j0; j < j1; j += kWidth) {
     const int64_t cols = std::min(kWidth, j1 - j);
-    strip<T, RB>(k, x, ldx, w + j, ldw, cols, acc);
+    if (cols == kWidth) {
+      strip<T, RB, true>(k, x, ldx, w + j, ldw, cols, acc);
+    } else {
+      strip<T, RB, false>(k, x, ldx, w + j, ldw, cols, acc);
+    }
     for (int r = 0; r < RB; ++r) {
       for (int64_t c = 0; c < cols; ++c) out[r * ldo + j + c] = static_cast<T>(acc[r * kWidth + c]);
     }
