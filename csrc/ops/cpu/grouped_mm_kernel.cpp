@@ -112,8 +112,10 @@ std::vector<SkinnyBlock> skinny_blocks(const std::vector<int64_t>& offsets, int6
   if (experts.empty() || width == 0) return blocks;
   constexpr int64_t kAlign = 64;
   const int64_t wanted = 4 * at::get_num_threads();
-  const int64_t per_expert = (wanted + static_cast<int64_t>(experts.size()) - 1) / static_cast<int64_t>(experts.size());
-  const int64_t chunk = std::max<int64_t>(kAlign, ((width + per_expert - 1) / per_expert + kAlign - 1) / kAlign * kAlign);
+  const int64_t num_experts = static_cast<int64_t>(experts.size());
+  const int64_t per_expert = (wanted + num_experts - 1) / num_experts;
+  const int64_t cols = (width + per_expert - 1) / per_expert;
+  const int64_t chunk = std::max<int64_t>(kAlign, (cols + kAlign - 1) / kAlign * kAlign);
   for (int64_t e : experts) {
     for (int64_t j = 0; j < width; j += chunk) blocks.push_back({e, j, std::min(width, j + chunk)});
   }
@@ -143,12 +145,12 @@ void skinny_grad_x_block(const SkinnyBlock& b, const at::Tensor& grad_output, co
 }
 
 // fn<T>() for the tensor's skinny dtype.
-#define TORCHMOE_SKINNY_CALL(dtype, fn, ...)                    \
-  switch (dtype) {                                              \
-    case at::kFloat: fn<float>(__VA_ARGS__); break;             \
-    case at::kBFloat16: fn<c10::BFloat16>(__VA_ARGS__); break;  \
-    case at::kHalf: fn<c10::Half>(__VA_ARGS__); break;          \
-    default: TORCH_INTERNAL_ASSERT(false, "skinny kernels do not take ", dtype); \
+#define TORCHMOE_SKINNY_CALL(dtype, fn, ...)                                      \
+  switch (dtype) {                                                                \
+    case at::kFloat: fn<float>(__VA_ARGS__); break;                               \
+    case at::kBFloat16: fn<c10::BFloat16>(__VA_ARGS__); break;                    \
+    case at::kHalf: fn<c10::Half>(__VA_ARGS__); break;                            \
+    default: TORCH_INTERNAL_ASSERT(false, "skinny kernels do not take ", dtype);  \
   }
 
 // float32 path on torchmoe's GEMM. One product per expert, c_e[m, n] = a_e[m, k] @ b_e[k, n], every operand
