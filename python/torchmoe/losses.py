@@ -10,7 +10,6 @@ caller (e.g. :class:`torchmoe.nn.MoE`) multiplies by its own coefficient.
 - :func:`cv_squared`, :func:`importance_loss`, :func:`load_loss` — Shazeer et al. 2017, appendix A.
 """
 import math
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -30,7 +29,7 @@ def _acc(t: Tensor) -> Tensor:
     return t.float()
 
 
-def switch_load_balancing_loss(probs: Tensor, indices: Tensor, counts: Optional[Tensor] = None) -> Tensor:
+def switch_load_balancing_loss(probs: Tensor, indices: Tensor) -> Tensor:
     """Switch Transformer load-balancing loss ``E * sum_i f_i * P_i``.
 
     Args:
@@ -40,19 +39,16 @@ def switch_load_balancing_loss(probs: Tensor, indices: Tensor, counts: Optional[
     ``f_i`` is the fraction of the ``T * k`` (token, choice) assignments that went to expert ``i`` and ``P_i``
     the mean router probability of expert ``i`` over the ``T`` tokens. The loss is 1.0 under perfectly
     uniform routing and probabilities, and ``E`` when everything goes to one expert with probability 1.
-    Gradients flow through ``P`` only (``f`` is a count). An empty batch gives 0. ``counts`` (``[E]``), when
-    given, is the number of assignments per expert already counted from ``indices`` (e.g. ``route_plan``'s
-    counts); it spares counting them again.
+    Gradients flow through ``P`` only (``f`` is a count). An empty batch gives 0.
     """
     num_experts = probs.shape[-1]
     p = _acc(probs).reshape(-1, num_experts)
+    idx = indices.reshape(-1)
     num_tokens = p.shape[0]
-    num_assignments = indices.numel()
-    if counts is None:
-        idx = indices.reshape(-1)
-        counts = torch.zeros(num_experts, dtype=p.dtype, device=p.device)
-        counts = counts.scatter_add(0, idx, torch.ones_like(idx, dtype=p.dtype))
-    f = counts.to(p.dtype) / max(num_assignments, 1)
+    num_assignments = idx.shape[0]
+    counts = torch.zeros(num_experts, dtype=p.dtype, device=p.device)
+    counts = counts.scatter_add(0, idx, torch.ones_like(idx, dtype=p.dtype))
+    f = counts / max(num_assignments, 1)
     mean_prob = p.sum(0) / max(num_tokens, 1)
     return num_experts * (f * mean_prob).sum()
 

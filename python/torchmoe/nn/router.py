@@ -257,18 +257,33 @@ def router_aux_loss(
 ) -> Tensor:
     """A sparse layer's weighted auxiliary loss: Switch load balancing on the router probabilities (sigmoid
     scores normalised per token, or the softmax), plus the router z-loss, plus the noisy router's load loss
-    (given only in training) under the load-balancing weight. ``counts``: assignments per expert if already
-    counted (route_plan's counts), passed to the load-balancing loss."""
+    (given only in training) under the load-balancing weight.
+
+    ``counts``: assignments per expert, when already counted (route_plan's counts). Then the same sums are
+    taken as two dot products, ``E / (T k T) * counts . sum_t probs`` and ``lse . lse / T``, in a third of
+    the small ops (what a decode step of a few tokens pays for the aux loss); without it, through
+    :mod:`torchmoe.losses`."""
+    num_experts = logits.shape[-1]
+    flat = logits.reshape(-1, num_experts)
+    num_tokens = max(flat.shape[0], 1)
     aux = torch.zeros((), dtype=torch.float32, device=logits.device)
     if aux_loss_weight != 0.0:
         if score_func == "sigmoid":
-            s = torch.sigmoid(logits)
+            s = torch.sigmoid(flat)
             probs = s / s.sum(-1, keepdim=True).clamp_min(1e-20)
         else:
-            probs = torch.softmax(logits, dim=-1)
-        aux = aux + aux_loss_weight * losses.switch_load_balancing_loss(probs, indices, counts)
+            probs = torch.softmax(flat, dim=-1)
+        if counts is None:
+            aux = aux + aux_loss_weight * losses.switch_load_balancing_loss(probs, indices)
+        else:
+            scale = aux_loss_weight * num_experts / max(indices.numel(), 1) / num_tokens
+            aux = aux + torch.dot(probs.sum(0), counts.to(probs.dtype)) * scale
     if z_loss_weight != 0.0:
-        aux = aux + z_loss_weight * losses.router_z_loss(logits)
+        if counts is None:
+            aux = aux + z_loss_weight * losses.router_z_loss(logits)
+        else:
+            lse = torch.logsumexp(flat, dim=-1)
+            aux = aux + torch.dot(lse, lse) * (z_loss_weight / num_tokens)
     if load_loss is not None and aux_loss_weight != 0.0:
         aux = aux + aux_loss_weight * load_loss
     return aux
