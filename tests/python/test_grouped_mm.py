@@ -245,6 +245,38 @@ print("ok")
     assert run_python(code, **env).strip() == "ok"
 
 
+def test_skinny_only_calls_from_many_threads_and_forked_children():
+    # A call whose experts are all skinny runs on torchmoe's task pool (helpers that a busy machine may wake
+    # late): concurrent callers share it, and a forked child (which has none of the parent's helpers) starts
+    # its own.
+    code = """
+import os, threading, torch, torchmoe
+from torchmoe import reference
+torch.set_num_threads(2)
+g = torch.Generator().manual_seed(0)
+w = torch.randn(4, 96, 300, generator=g)
+c = torch.tensor([1, 3, 0, 2])
+x = torch.randn(6, 96, generator=g)
+want = reference.grouped_mm(x.double(), w.double(), c)
+def good():
+    return all(torch.allclose(torchmoe.grouped_mm(x, w, c).double(), want, atol=1e-3) for _ in range(20))
+assert good()
+results = []
+threads = [threading.Thread(target=lambda: results.append(good())) for _ in range(4)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join(timeout=60)
+assert results == [True] * 4, results
+pid = os.fork()
+if pid == 0:
+    os._exit(0 if good() else 1)
+assert os.waitpid(pid, 0)[1] == 0 and good()
+print("ok")
+"""
+    assert run_python(code, timeout=120).strip() == "ok"
+
+
 def test_skinny_inputs_with_strides():
     x, w, c = make([3, 0, 1, 2], 40, 72, dtype=torch.bfloat16)
     x_nc = x.t().contiguous().t()
