@@ -9,7 +9,9 @@ SwiGLU) and little else, so its floor is the time to read those bytes. Columns:
   hit       experts hit by the step's tokens (the routing is that of the layer on random tokens)
   MB        bytes of the experts hit (plus the router weight)
   ms        median time of one forward of the layer; GB/s = MB / ms
-  of read   GB/s over the machine's read bandwidth, measured in the same run as x.sum() over 256 MiB of float32
+  read      the machine's read bandwidth, x.sum() over 256 MiB of float32, timed in turn with the layer within
+            each repeat (so both see the same load from other processes)
+  of read   GB/s over read
   other us  the layer's time outside the expert products: layer time minus the median time of its
             grouped_mm and swiglu calls on the same routed rows (routing, dispatch, combine, aux loss, Python)
   --layers N cycles through N copies of the layer (same values, distinct memory), so that with N x the layer's
@@ -96,11 +98,13 @@ def cpu_flags() -> str:
     return ""
 
 
-def read_bandwidth(reps: int) -> float:
+READ_BYTES = 256 << 20
+
+
+def read_bandwidth(reps: int, x: torch.Tensor) -> float:
     """GB/s of x.sum() over 256 MiB of float32 (reads only)."""
-    x = torch.ones(64 << 20)
     t = median_times({"sum": lambda: x.sum()}, reps, min_time=0.02)["sum"]
-    return x.numel() * 4 / t / 1e9
+    return READ_BYTES / t / 1e9
 
 
 def routing(moe: MoE, x: torch.Tensor):
@@ -157,13 +161,15 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    bw = read_bandwidth(args.reps)
+    read_buffer = torch.ones(READ_BYTES // 4)
+    bw = read_bandwidth(args.reps, read_buffer)
     print(f"{cpu_model()} ({cpu_flags()}, {last_level_cache()}) | torch {torch.__version__} | "
           f"{torch.get_num_threads()} threads | read bandwidth {bw:.1f} GB/s (x.sum() over 256 MiB) | "
           f"median of {args.reps} | {args.layers} layer copies")
-    header = (f"| shape | dtype | T | hit | MB | ms | GB/s | of read | other us | hf ms | x hf | loop ms | x loop |")
+    header = ("| shape | dtype | T | hit | MB | ms | GB/s | read GB/s | of read | other us | hf ms | x hf | loop ms "
+              "| x loop |")
     print(header)
-    print("|" + "---|" * 13)
+    print("|" + "---|" * 14)
     fractions = []
     for shape_text in args.shapes.split(","):
         shape, (d_model, d_ff, E, k) = parse_shape(shape_text)
@@ -179,7 +185,8 @@ def main() -> None:
                     hit = int(torch.unique(indices).numel())
                     nbytes = hit * 3 * d_model * d_ff * moe.up_proj.element_size() + moe.router.weight.numel() * 4
                     ours = RoundRobin(layers, lambda layer, t: layer(t))
-                    fns = {"ours": lambda: ours(x), "experts": expert_products(layers, x)}
+                    fns = {"ours": lambda: ours(x), "experts": expert_products(layers, x),
+                           "read": lambda: read_buffer.sum()}
                     if not args.no_compare:
                         hf, loop = RoundRobin(layers, hf_grouped_mm), RoundRobin(layers, mm_loop)
                         fns["hf"] = lambda: hf(x)
@@ -191,13 +198,15 @@ def main() -> None:
                     times = median_times(fns, args.reps, min_time=0.02)
                 t = times["ours"]
                 gbs = nbytes / t / 1e9
-                fractions.append((T, gbs / bw))
+                read = READ_BYTES / times["read"] / 1e9
+                fractions.append((T, gbs / read))
                 cmp = "| - | - | - | - |"
                 if "hf" in times:
                     cmp = (f"| {times['hf'] * 1e3:.3f} | {times['hf'] / t:.2f}x | {times['loop'] * 1e3:.3f} | "
                            f"{times['loop'] / t:.2f}x |")
                 print(f"| {shape} {d_model}/{d_ff} E={E} k={k} | {dtype_name} | {T} | {hit} | {nbytes / 1e6:.1f} | "
-                      f"{t * 1e3:.3f} | {gbs:.1f} | {gbs / bw:.2f} | {(t - times['experts']) * 1e6:.0f} " + cmp,
+                      f"{t * 1e3:.3f} | {gbs:.1f} | {read:.1f} | {gbs / read:.2f} | {(t - times['experts']) * 1e6:.0f} "
+                      + cmp,
                       flush=True)
     target = [f for T, f in fractions if T in (1, 4, 16)]
     if target:
