@@ -79,7 +79,8 @@ def test_cache_disabled_by_environment():
 
 
 def test_cache_limit_evicts_longest_held_blocks():
-    # 3 MiB limit: a 2 MiB and a 2.5 MiB free block do not both fit, so the older one goes.
+    # 3 MiB limit: a 2 MiB and a 2.5 MiB free block do not both fit, so the older one goes. The 4 MiB request
+    # finds no block large enough: the free 2.5 MiB go before it is mapped, and it is above the limit itself.
     code = (
         "import torch, torchmoe\n"
         "a = torchmoe.dispatch(torch.randn(4, 512 * 256), torch.tensor([[0], [1], [2], [3]]), 4)\n"  # 2 MiB
@@ -92,7 +93,70 @@ def test_cache_limit_evicts_longest_held_blocks():
         "del big\n"
         "print(torchmoe.cpu_cache_bytes())\n"
     )
-    assert run_python(code, TORCHMOE_CPU_CACHE_MB="3").split() == [str(2 << 20), str(5 << 19), str(5 << 19)]
+    assert run_python(code, TORCHMOE_CPU_CACHE_MB="3").split() == [str(2 << 20), str(5 << 19), "0"]
+
+
+def rows_output(rows: int) -> torch.Tensor:
+    """A cached output of rows x 256 KiB (dispatch of one float32 row of 65536 per token)."""
+    return torchmoe.dispatch(torch.ones(rows, 65536), torch.arange(rows).view(rows, 1), rows)
+
+
+def test_smaller_request_reuses_a_larger_block_and_returns_the_rest():
+    torchmoe.empty_cpu_cache()
+    big = rows_output(16)  # 4 MiB
+    ptr = big.data_ptr()
+    del big
+    assert torchmoe.cpu_cache_bytes() == 4 << 20
+    small = rows_output(8)  # 2 MiB: best fit is the 4 MiB block, its last 2 MiB of pages go back to the OS
+    assert small.data_ptr() == ptr and torchmoe.cpu_cache_bytes() == 0
+    assert torch.equal(small, torch.ones(8, 65536))
+    del small
+    assert torchmoe.cpu_cache_bytes() == 2 << 20  # only the pages the 2 MiB output held
+    again = rows_output(16)  # grows back into the same block
+    assert again.data_ptr() == ptr and torch.equal(again, torch.ones(16, 65536))
+    del again
+    assert torchmoe.cpu_cache_bytes() == 4 << 20
+
+
+def test_free_blocks_go_before_a_larger_request_is_mapped():
+    torchmoe.empty_cpu_cache()
+    first, second = rows_output(8), rows_output(4)  # 2 MiB and 1 MiB
+    del first, second
+    assert torchmoe.cpu_cache_bytes() == 3 << 20
+    live = rows_output(12)  # 3 MiB: no free block fits, so the 3 MiB of free blocks are unmapped first
+    assert torchmoe.cpu_cache_bytes() == 0
+    del live
+    assert torchmoe.cpu_cache_bytes() == 3 << 20
+
+
+# Trains a dropless MoE on batches of varying length in a fresh process and prints the peak RSS growth over the
+# loop (VmHWM reset through /proc/self/clear_refs) and the bytes the cache holds at the end.
+PEAK_RSS_CODE = """
+import torch, torchmoe
+from torchmoe.nn import MoE
+
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+
+torch.manual_seed(0)
+moe = MoE(128, 512, 8, k=2, capacity_factor=None)
+base = status("VmRSS")
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+for tokens in (4096, 2048, 3000, 4096, 1024, 3500, 2500, 4000, 1500, 3800):
+    x = torch.randn(tokens, 128, requires_grad=True)
+    moe(x).sum().backward()
+    moe.zero_grad(set_to_none=True)
+print(status("VmHWM") - base, torchmoe.cpu_cache_bytes())
+"""
+
+
+def test_peak_memory_with_varying_shapes_stays_that_of_no_cache():
+    with_cache = [int(v) for v in run_python(PEAK_RSS_CODE).split()]
+    without = [int(v) for v in run_python(PEAK_RSS_CODE, TORCHMOE_CPU_CACHE_MB="0").split()]
+    assert without[1] == 0 and with_cache[1] > 0, "the cache is on by default and keeps blocks"
+    assert with_cache[0] <= 1.15 * without[0], f"peak RSS growth {with_cache[0]} with the cache, {without[0]} without"
 
 
 def test_forked_children_use_the_cache():

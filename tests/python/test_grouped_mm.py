@@ -1,5 +1,8 @@
 """grouped_mm: against torchmoe.reference.grouped_mm (a loop of per-expert matmuls), every dtype,
 empty experts, edge-case counts, opcheck, gradcheck, TorchScript, torch.compile and bad inputs."""
+import os
+import sys
+
 import pytest
 import torch
 
@@ -105,20 +108,25 @@ def test_non_contiguous_inputs():
     torch.testing.assert_close(torchmoe.grouped_mm(wide, w, c), reference.grouped_mm(wide, w, c))
 
 
-def test_deterministic_across_thread_counts():
-    x, w, c = make([700, 3, 0, 900], 64, 48, requires_grad=True)
-    grad = torch.randn(x.shape[0], 48)
+def assert_same_on_thread_counts(x, w, c, grad, thread_counts):
+    """out, grad_x and grad_weight are bitwise the same on every thread count."""
     results = []
     old = torch.get_num_threads()
     try:
-        for threads in (1, 2):
+        for threads in thread_counts:
             torch.set_num_threads(threads)
             out = torchmoe.grouped_mm(x, w, c)
             results.append((out, *torch.autograd.grad(out, (x, w), grad)))
     finally:
         torch.set_num_threads(old)
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+def test_deterministic_across_thread_counts():
+    x, w, c = make([700, 3, 0, 900], 64, 48, requires_grad=True)
+    assert_same_on_thread_counts(x, w, c, torch.randn(x.shape[0], 48), (1, 2))
 
 
 # float32 on an AVX-512 CPU runs torchmoe's blocked GEMM: 256-deep reduction blocks, 240-row and 1024-column
@@ -146,18 +154,7 @@ def test_float32_results_do_not_depend_on_thread_count():
     # The work is cut into blocks sized to the thread count; every result bit must stay the same.
     x, w, c = make([500, 3, 0, 900, 77], 300, 200, requires_grad=True)
     grad = torch.randn(x.shape[0], 200)
-    results = []
-    old = torch.get_num_threads()
-    try:
-        for threads in (1, 2, 3, 5):
-            torch.set_num_threads(threads)
-            out = torchmoe.grouped_mm(x, w, c)
-            results.append((out, *torch.autograd.grad(out, (x, w), grad)))
-    finally:
-        torch.set_num_threads(old)
-    for other in results[1:]:
-        for a, b in zip(results[0], other):
-            assert torch.equal(a, b)
+    assert_same_on_thread_counts(x, w, c, grad, (1, 2, 3, 5))
 
 
 def test_float32_without_avx512_kernel():
@@ -180,6 +177,112 @@ assert torch.all(gw[1] == 0)
 print("ok")
 """
     assert run_python(code, TORCHMOE_DISABLE_AVX512="1").strip() == "ok"
+
+
+# Experts with 1..16 rows (float32, bfloat16, float16) run the skinny kernels for their output and grad_x (one
+# pass over the weight, column blocks sized to the thread count); the others run the GEMM, in the same call.
+SKINNY_COUNTS = [[1], [2, 0, 3], list(range(17)), [16, 17, 1, 0, 8, 9], [5, 300, 1, 12]]
+SKINNY_DIMS = [(1, 1), (7, 5), (33, 70), (64, 129), (130, 1024), (0, 16), (19, 0)]
+SKINNY_TOL = {  # out and grad_x: float32 sums of the exact products, rounded once to the dtype
+    torch.float32: dict(atol=1e-3, rtol=1e-5),
+    torch.bfloat16: dict(atol=1e-3, rtol=2 ** -8),
+    torch.float16: dict(atol=1e-3, rtol=2 ** -11),
+}
+GRAD_WEIGHT_TOL = {torch.float32: dict(atol=2e-3, rtol=1e-4), torch.bfloat16: dict(atol=0.5, rtol=3e-2),
+                   torch.float16: dict(atol=5e-2, rtol=1e-2)}
+
+
+def check_against_reference(counts, d_in, d_out, dtype):
+    x, w, c = make(counts, d_in, d_out, dtype=dtype, requires_grad=True)
+    grad = torch.randn(x.shape[0], d_out, dtype=torch.float64).to(dtype)
+    out = torchmoe.grouped_mm(x, w, c)
+    gx, gw = torch.autograd.grad(out, (x, w), grad)
+    xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = reference.grouped_mm(xr, wr, c)
+    rx, rw = torch.autograd.grad(ref, (xr, wr), grad.double())
+    assert out.dtype == gx.dtype == gw.dtype == dtype
+    torch.testing.assert_close(out.double(), ref, **SKINNY_TOL[dtype])
+    torch.testing.assert_close(gx.double(), rx, **SKINNY_TOL[dtype])
+    torch.testing.assert_close(gw.double(), rw, **GRAD_WEIGHT_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("counts", SKINNY_COUNTS)
+def test_skinny_experts_match_reference(counts, dtype):
+    for d_in, d_out in SKINNY_DIMS:
+        check_against_reference(counts, d_in, d_out, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_skinny_results_do_not_depend_on_thread_count(dtype):
+    x, w, c = make([1, 0, 2, 16, 5, 40, 3, 9], 96, 200, dtype=dtype, requires_grad=True)
+    grad = torch.randn(x.shape[0], 200).to(dtype)
+    assert_same_on_thread_counts(x, w, c, grad, (1, 2, 3))
+
+
+def test_skinny_portable_kernels():
+    # TORCHMOE_DISABLE_AVX512=1 runs the portable C++ versions of the skinny kernels (CPUs without AVX-512).
+    code = """
+import torch
+from test_grouped_mm import SKINNY_COUNTS, check_against_reference
+old = torch.get_num_threads()
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for counts in SKINNY_COUNTS:
+        for d_in, d_out in [(7, 5), (64, 129), (0, 3)]:
+            check_against_reference(counts, d_in, d_out, dtype)
+    x = torch.randn(20, 70).to(dtype)
+    w = torch.randn(3, 70, 90).to(dtype)
+    c = torch.tensor([1, 16, 3])
+    outs = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        outs.append(torch.ops.torchmoe._grouped_mm_backward(torch.ones(20, 90).to(dtype), x, w, c)[0])
+    torch.set_num_threads(old)
+    assert torch.equal(outs[0], outs[1])
+print("ok")
+"""
+    env = dict(TORCHMOE_DISABLE_AVX512="1", PYTHONPATH=os.pathsep.join([os.path.dirname(__file__)] + sys.path))
+    assert run_python(code, **env).strip() == "ok"
+
+
+def test_skinny_only_calls_from_many_threads_and_forked_children():
+    # A call whose experts are all skinny runs on torchmoe's task pool (helpers that a busy machine may wake
+    # late): concurrent callers share it, and a forked child (which has none of the parent's helpers) starts
+    # its own.
+    code = """
+import os, threading, torch, torchmoe
+from torchmoe import reference
+torch.set_num_threads(2)
+g = torch.Generator().manual_seed(0)
+w = torch.randn(4, 96, 300, generator=g)
+c = torch.tensor([1, 3, 0, 2])
+x = torch.randn(6, 96, generator=g)
+want = reference.grouped_mm(x.double(), w.double(), c)
+def good():
+    return all(torch.allclose(torchmoe.grouped_mm(x, w, c).double(), want, atol=1e-3) for _ in range(20))
+assert good()
+results = []
+threads = [threading.Thread(target=lambda: results.append(good())) for _ in range(4)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join(timeout=60)
+assert results == [True] * 4, results
+pid = os.fork()
+if pid == 0:
+    os._exit(0 if good() else 1)
+assert os.waitpid(pid, 0)[1] == 0 and good()
+print("ok")
+"""
+    assert run_python(code, timeout=120).strip() == "ok"
+
+
+def test_skinny_inputs_with_strides():
+    x, w, c = make([3, 0, 1, 2], 40, 72, dtype=torch.bfloat16)
+    x_nc = x.t().contiguous().t()
+    w_nc = w.transpose(1, 2).contiguous().transpose(1, 2)
+    torch.testing.assert_close(torchmoe.grouped_mm(x_nc, w_nc, c).double(), ref_fp64(x, w, c),
+                               **SKINNY_TOL[torch.bfloat16])
 
 
 def test_meta_shapes():

@@ -1,6 +1,8 @@
 // grouped_mm on CPU: each expert's product is cut into blocks, and threads take blocks from a shared counter
-// (at::parallel_for workers). float32 on a CPU with AVX-512 runs torchmoe's own GEMM (sgemm.h), whose result
-// does not depend on how a product is cut, so blocks are sized to the thread count; other dtypes run one
+// (at::parallel_for workers). An expert with at most kSkinnyMaxRows rows (float32, bfloat16, float16) runs the
+// skinny kernels (skinny_gemm.h: one pass over its weight, cut into column blocks) for its output and its
+// grad_x. Other float32 experts on a CPU with AVX-512 run torchmoe's own GEMM (sgemm.h). Both give results
+// that do not depend on how a product is cut, so their blocks are sized to the thread count; the rest run one
 // BLAS call (at::mm_out) per fixed-size block, so every output element comes from the same call whatever
 // the thread count. counts is read on the host (it already lives there on CPU).
 #include <ATen/ATen.h>
@@ -14,6 +16,8 @@
 #include "ops/cpu/output_cache.h"
 #include "ops/cpu/parallel.h"
 #include "ops/cpu/sgemm.h"
+#include "ops/cpu/skinny_gemm.h"
+#include "ops/cpu/task_pool.h"
 
 namespace torchmoe::ops {
 namespace {
@@ -47,10 +51,20 @@ std::vector<int64_t> expert_offsets(const at::Tensor& counts, int64_t num_rows, 
   return offsets;
 }
 
-// Splits each expert's [offsets[e], offsets[e+1]) range into blocks of `block` rows.
-std::vector<Task> row_tasks(const std::vector<int64_t>& offsets, int64_t block) {
+bool skinny_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
+
+// Whether expert e runs on the skinny kernels (for its output and grad_x).
+bool is_skinny(const std::vector<int64_t>& offsets, size_t e, bool dtype_ok) {
+  const int64_t rows = offsets[e + 1] - offsets[e];
+  return dtype_ok && rows > 0 && rows <= cpu::kSkinnyMaxRows;
+}
+
+// Splits each expert's [offsets[e], offsets[e+1]) range into blocks of `block` rows (skipping skinny experts
+// when skip_skinny).
+std::vector<Task> row_tasks(const std::vector<int64_t>& offsets, int64_t block, bool skip_skinny = false) {
   std::vector<Task> tasks;
   for (size_t e = 0; e + 1 < offsets.size(); ++e) {
+    if (is_skinny(offsets, e, skip_skinny)) continue;
     for (int64_t r = offsets[e]; r < offsets[e + 1]; r += block) {
       tasks.push_back({false, static_cast<int64_t>(e), r, std::min(block, offsets[e + 1] - r)});
     }
@@ -73,6 +87,78 @@ void run_tasks(const std::vector<T>& tasks, const Fn& fn) {
     }
   });
 }
+
+// Runs first(i) for i < num_first and second(i) for i < num_second as one task list (see run_tasks). second
+// is plain computation (the skinny kernels): alone, it runs through run_claimed, which never waits for a
+// thread the OS has not scheduled yet (a decode step's products take less than a time slice).
+template <typename First, typename Second>
+void run_two(int64_t num_first, const First& first, int64_t num_second, const Second& second) {
+  if (num_first == 0) {
+    cpu::run_claimed(num_second, second);
+    return;
+  }
+  std::vector<int64_t> ids(num_first + num_second);
+  for (int64_t i = 0; i < num_first + num_second; ++i) ids[i] = i;
+  run_tasks(ids, [&](int64_t i) { i < num_first ? first(i) : second(i - num_first); });
+}
+
+// Skinny experts' products, cut along their output columns (forward: of out, backward: of grad_x).
+struct SkinnyBlock {
+  int64_t expert;
+  int64_t begin, end;
+};
+
+// About 4 blocks per thread over all skinny experts, each a multiple of 64 columns (whole cache lines of w,
+// and whole strips of the kernel for 2 or more rows).
+std::vector<SkinnyBlock> skinny_blocks(const std::vector<int64_t>& offsets, int64_t width, bool dtype_ok) {
+  std::vector<int64_t> experts;
+  for (size_t e = 0; e + 1 < offsets.size(); ++e) {
+    if (is_skinny(offsets, e, dtype_ok)) experts.push_back(static_cast<int64_t>(e));
+  }
+  std::vector<SkinnyBlock> blocks;
+  if (experts.empty() || width == 0) return blocks;
+  constexpr int64_t kAlign = 64;
+  const int64_t wanted = 4 * at::get_num_threads();
+  const int64_t num_experts = static_cast<int64_t>(experts.size());
+  const int64_t per_expert = (wanted + num_experts - 1) / num_experts;
+  const int64_t cols = (width + per_expert - 1) / per_expert;
+  const int64_t chunk = std::max<int64_t>(kAlign, (cols + kAlign - 1) / kAlign * kAlign);
+  for (int64_t e : experts) {
+    for (int64_t j = 0; j < width; j += chunk) blocks.push_back({e, j, std::min(width, j + chunk)});
+  }
+  return blocks;
+}
+
+template <typename T>
+void skinny_forward_block(const SkinnyBlock& b, const at::Tensor& x, const at::Tensor& weight,
+                          const std::vector<int64_t>& offsets, at::Tensor& out) {
+  const int64_t d_in = weight.size(1), d_out = weight.size(2);
+  const int64_t row0 = offsets[b.expert];
+  cpu::skinny_mm<T>(offsets[b.expert + 1] - row0, d_in, b.begin, b.end, x.const_data_ptr<T>() + row0 * d_in, d_in,
+                    weight.const_data_ptr<T>() + b.expert * d_in * d_out, d_out,
+                    out.mutable_data_ptr<T>() + row0 * d_out, d_out);
+}
+
+// grad_x rows of e = grad_output rows of e @ weight[e]^T, columns [b.begin, b.end) of grad_x.
+template <typename T>
+void skinny_grad_x_block(const SkinnyBlock& b, const at::Tensor& grad_output, const at::Tensor& weight,
+                         const std::vector<int64_t>& offsets, at::Tensor& grad_x) {
+  const int64_t d_in = weight.size(1), d_out = weight.size(2);
+  const int64_t row0 = offsets[b.expert];
+  cpu::skinny_mm_transposed<T>(offsets[b.expert + 1] - row0, d_out, b.begin, b.end,
+                               grad_output.const_data_ptr<T>() + row0 * d_out, d_out,
+                               weight.const_data_ptr<T>() + b.expert * d_in * d_out, d_out,
+                               grad_x.mutable_data_ptr<T>() + row0 * d_in, d_in);
+}
+
+// fn<T>() for the tensor's skinny dtype.
+#define TORCHMOE_SKINNY_CALL(dtype, fn, ...)                                      \
+  switch (dtype) {                                                                \
+    case at::kFloat: fn<float>(__VA_ARGS__); break;                               \
+    case at::kBFloat16: fn<c10::BFloat16>(__VA_ARGS__); break;                    \
+    case at::kHalf: fn<c10::Half>(__VA_ARGS__); break;                            \
+    default: TORCH_INTERNAL_ASSERT(false, "skinny kernels do not take ", dtype);  \
+  }
 
 // float32 path on torchmoe's GEMM. One product per expert, c_e[m, n] = a_e[m, k] @ b_e[k, n], every operand
 // given by a base pointer and strides; `GemmBlock` is a rectangle of one expert's c.
@@ -116,35 +202,44 @@ std::vector<GemmBlock> plan_blocks(const std::vector<ExpertGemm>& gemms) {
   return blocks;
 }
 
-void run_gemms(const std::vector<ExpertGemm>& gemms) {
-  run_tasks(plan_blocks(gemms), [](const GemmBlock& blk) {
+// Runs the GEMM blocks of `gemms`, largest first, then skinny(i) for i < num_skinny, as one task list.
+template <typename Skinny>
+void run_gemms(const std::vector<ExpertGemm>& gemms, int64_t num_skinny, const Skinny& skinny) {
+  const auto blocks = plan_blocks(gemms);
+  run_two(static_cast<int64_t>(blocks.size()), [&](int64_t i) {
+    const GemmBlock& blk = blocks[i];
     const ExpertGemm& g = *blk.gemm;
     cpu::sgemm(blk.m, blk.n, g.k, g.a + blk.m0 * g.a_rs, g.a_rs, g.a_cs, g.b + blk.n0 * g.b_cs, g.b_rs, g.b_cs,
                g.c + blk.m0 * g.ldc + blk.n0, g.ldc, /*accumulate=*/false);
-  });
+  }, num_skinny, skinny);
 }
 
 bool use_fast_sgemm(const at::Tensor& x) {
   return x.scalar_type() == at::kFloat && cpu::fast_sgemm_available();
 }
 
-// out rows of e = x rows of e @ weight[e]
+// out rows of e = x rows of e @ weight[e] (experts with many rows; skinny ones run skinny(i), i < num_skinny)
+template <typename Skinny>
 void grouped_mm_fast(const at::Tensor& x, const at::Tensor& weight, const std::vector<int64_t>& offsets,
-                     at::Tensor& out) {
+                     at::Tensor& out, int64_t num_skinny, const Skinny& skinny) {
   const int64_t d_in = weight.size(1), d_out = weight.size(2);
   std::vector<ExpertGemm> gemms;
   for (size_t e = 0; e + 1 < offsets.size(); ++e) {
+    if (is_skinny(offsets, e, true)) continue;
     gemms.push_back({offsets[e + 1] - offsets[e], d_out, d_in, x.const_data_ptr<float>() + offsets[e] * d_in, d_in, 1,
                      weight.const_data_ptr<float>() + static_cast<int64_t>(e) * d_in * d_out, d_out, 1,
                      out.mutable_data_ptr<float>() + offsets[e] * d_out, d_out});
   }
-  run_gemms(gemms);
+  run_gemms(gemms, num_skinny, skinny);
 }
 
 // grad_x rows of e = grad_output rows of e @ weight[e]^T; grad_weight[e] = x_e^T @ grad_output_e (zeros for
-// an expert without rows). Both sets of products share one block list.
+// an expert without rows). Both sets of products share one block list, with the skinny experts' grad_x
+// blocks (skinny(i), i < num_skinny).
+template <typename Skinny>
 void grouped_mm_backward_fast(const at::Tensor& grad_output, const at::Tensor& x, const at::Tensor& weight,
-                              const std::vector<int64_t>& offsets, at::Tensor& grad_x, at::Tensor& grad_weight) {
+                              const std::vector<int64_t>& offsets, at::Tensor& grad_x, at::Tensor& grad_weight,
+                              int64_t num_skinny, const Skinny& skinny) {
   const int64_t d_in = weight.size(1), d_out = weight.size(2);
   const float* g = grad_output.const_data_ptr<float>();
   const float* xs = x.const_data_ptr<float>();
@@ -153,12 +248,14 @@ void grouped_mm_backward_fast(const at::Tensor& grad_output, const at::Tensor& x
   for (size_t e = 0; e + 1 < offsets.size(); ++e) {
     const int64_t rows = offsets[e + 1] - offsets[e];
     const float* w_e = w + static_cast<int64_t>(e) * d_in * d_out;
-    gemms.push_back({rows, d_in, d_out, g + offsets[e] * d_out, d_out, 1, w_e, 1, d_out,
-                     grad_x.mutable_data_ptr<float>() + offsets[e] * d_in, d_in});
+    if (!is_skinny(offsets, e, true)) {
+      gemms.push_back({rows, d_in, d_out, g + offsets[e] * d_out, d_out, 1, w_e, 1, d_out,
+                       grad_x.mutable_data_ptr<float>() + offsets[e] * d_in, d_in});
+    }
     gemms.push_back({d_in, d_out, rows, xs + offsets[e] * d_in, 1, d_in, g + offsets[e] * d_out, d_out, 1,
                      grad_weight.mutable_data_ptr<float>() + static_cast<int64_t>(e) * d_in * d_out, d_out});
   }
-  run_gemms(gemms);
+  run_gemms(gemms, num_skinny, skinny);
 }
 
 at::Tensor grouped_mm_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& counts) {
@@ -169,14 +266,22 @@ at::Tensor grouped_mm_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, c
   const auto offsets = expert_offsets(counts, n, "grouped_mm");
   auto out = cpu::empty_output({n, weight.size(2)}, x.options());
   if (n == 0) return out;
+  const bool skinny_ok = skinny_dtype(x.scalar_type());
+  const auto skinny = skinny_blocks(offsets, weight.size(2), skinny_ok);
+  auto run_skinny = [&](int64_t i) {
+    TORCHMOE_SKINNY_CALL(x.scalar_type(), skinny_forward_block, skinny[i], x, weight, offsets, out);
+  };
+  const int64_t num_skinny = static_cast<int64_t>(skinny.size());
   if (use_fast_sgemm(x)) {
-    grouped_mm_fast(x, weight, offsets, out);
+    grouped_mm_fast(x, weight, offsets, out, num_skinny, run_skinny);
     return out;
   }
-  run_tasks(row_tasks(offsets, kRowBlock), [&](const Task& t) {
+  const auto tasks = row_tasks(offsets, kRowBlock, skinny_ok);
+  run_two(static_cast<int64_t>(tasks.size()), [&](int64_t i) {
+    const Task& t = tasks[i];
     auto dst = out.narrow(0, t.begin, t.length);
     at::mm_out(dst, x.narrow(0, t.begin, t.length), weight.select(0, t.expert));
-  });
+  }, num_skinny, run_skinny);
   return out;
 }
 
@@ -194,15 +299,21 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cpu(const at::Tensor& gra
 
   auto grad_x = cpu::empty_output(x.sizes(), x.options());
   auto grad_weight = cpu::empty_output(weight.sizes(), weight.options());
+  const bool skinny_ok = skinny_dtype(x.scalar_type());
+  const auto skinny = skinny_blocks(offsets, d_in, skinny_ok);
+  auto run_skinny = [&](int64_t i) {
+    TORCHMOE_SKINNY_CALL(x.scalar_type(), skinny_grad_x_block, skinny[i], grad_output, weight, offsets, grad_x);
+  };
+  const int64_t num_skinny = static_cast<int64_t>(skinny.size());
   if (use_fast_sgemm(x)) {
-    grouped_mm_backward_fast(grad_output, x, weight, offsets, grad_x, grad_weight);
+    grouped_mm_backward_fast(grad_output, x, weight, offsets, grad_x, grad_weight, num_skinny, run_skinny);
     return {grad_x, grad_weight};
   }
 
   // grad_x rows of e = grad_output rows of e @ weight[e]^T, in row blocks; and
   // grad_weight[e] = x_e^T @ grad_output_e, blocked over d_in so each block's reduction over the expert's
   // rows stays inside one GEMM. Experts without rows get zeros.
-  std::vector<Task> tasks = row_tasks(offsets, kRowBlock);
+  std::vector<Task> tasks = row_tasks(offsets, kRowBlock, skinny_ok);
   for (int64_t e = 0; e < num_experts; ++e) {
     if (offsets[e + 1] == offsets[e]) {
       grad_weight.select(0, e).zero_();
@@ -210,14 +321,15 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cpu(const at::Tensor& gra
     }
     for (int64_t i = 0; i < d_in; i += kColBlock) tasks.push_back({true, e, i, std::min(kColBlock, d_in - i)});
   }
-  if (tasks.empty()) return {grad_x, grad_weight};
+  if (tasks.empty() && skinny.empty()) return {grad_x, grad_weight};
   // Largest first (costs in units of d_out multiply-adds), so the tail is short.
   auto cost = [&](const Task& t) {
     return t.grad_weight ? t.length * (offsets[t.expert + 1] - offsets[t.expert]) : t.length * d_in;
   };
   std::stable_sort(tasks.begin(), tasks.end(), [&](const Task& a, const Task& b) { return cost(a) > cost(b); });
 
-  run_tasks(tasks, [&](const Task& t) {
+  run_two(static_cast<int64_t>(tasks.size()), [&](int64_t i) {
+    const Task& t = tasks[i];
     if (!t.grad_weight) {
       auto dst = grad_x.narrow(0, t.begin, t.length);
       at::mm_out(dst, grad_output.narrow(0, t.begin, t.length), weight.select(0, t.expert).t());
@@ -227,7 +339,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cpu(const at::Tensor& gra
       auto dst = grad_weight.select(0, t.expert).narrow(0, t.begin, t.length);
       at::mm_out(dst, x.narrow(0, row0, rows).narrow(1, t.begin, t.length).t(), grad_output.narrow(0, row0, rows));
     }
-  });
+  }, num_skinny, run_skinny);
   return {grad_x, grad_weight};
 }
 

@@ -1,3 +1,16 @@
+// The cache keeps one invariant: the memory it holds (pages of live blocks plus pages of free blocks) never
+// exceeds the most the live blocks ever needed at once, so it cannot raise a process's peak memory over running
+// without it. Three rules keep it (the bound of PyTorch's CUDA caching allocator and of jemalloc's decay, made
+// strict):
+//  - best fit: a request takes the smallest free block at least its size;
+//  - trimming: a block handed out for fewer bytes than it has resident gives the pages past the request back
+//    to the OS (madvise(MADV_DONTNEED); the block keeps its address range and refaults them if reused larger),
+//    so a live output never holds more pages than it asked for;
+//  - freeing before growing: a request that needs G new resident bytes (all of them on a miss, the part past a
+//    reused block's resident pages on a hit) first unmaps the longest-held free blocks holding at least G bytes
+//    of pages (or all of them).
+// Blocks are mmap'd and munmap'd by the cache itself, so a block it lets go returns its pages to the OS at once
+// (glibc would keep freed blocks below its mmap threshold in its heap).
 #include "ops/cpu/output_cache.h"
 
 #include <ATen/EmptyTensor.h>
@@ -6,9 +19,9 @@
 #include <torch/library.h>
 
 #include <pthread.h>
+#include <sys/mman.h>
 
 #include <cstdlib>
-#include <deque>
 #include <mutex>
 #include <unordered_map>
 #include <vector>
@@ -17,8 +30,7 @@ namespace torchmoe::cpu {
 namespace {
 
 constexpr size_t kMinCachedBytes = size_t{1} << 20;
-constexpr size_t kRounding = size_t{1} << 16;  // sizes differing by a few rows share blocks
-constexpr size_t kAlignment = 64;
+constexpr size_t kRounding = size_t{1} << 16;  // sizes differing by a few rows share blocks (page multiple)
 constexpr size_t kDefaultLimitBytes = size_t{4096} << 20;
 
 size_t cache_limit_from_env() {
@@ -30,34 +42,62 @@ size_t cache_limit_from_env() {
   return static_cast<size_t>(mb) << 20;
 }
 
-// Free blocks by size, and the size of every block handed out (the deleter only gets the pointer).
+struct Block {
+  size_t size;      // mapped bytes
+  size_t resident;  // bytes from the start that may hold pages (an upper bound)
+  uint64_t age;     // order of release (free blocks)
+};
+
 class BlockCache final : public c10::Allocator {
  public:
   c10::DataPtr allocate(size_t nbytes) override {
     if (nbytes < kMinCachedBytes || limit_ == 0) return c10::GetCPUAllocator()->allocate(nbytes);
     const size_t size = (nbytes + kRounding - 1) / kRounding * kRounding;
     void* block = nullptr;
+    std::vector<std::pair<void*, size_t>> unmap;
+    size_t trim_from = 0, trim_to = 0;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      auto it = free_.find(size);
-      if (it != free_.end()) {
-        block = it->second.back().block;
-        it->second.pop_back();
-        if (it->second.empty()) free_.erase(it);
-        free_bytes_ -= size;
+      // Best fit; among equal sizes the most recently freed (warmest).
+      auto fit = free_.end();
+      for (auto it = free_.begin(); it != free_.end(); ++it) {
+        const Block& b = it->second;
+        if (b.size < size) continue;
+        if (fit == free_.end() || b.size < fit->second.size ||
+            (b.size == fit->second.size && b.age > fit->second.age)) {
+          fit = it;
+        }
       }
-    }
-    if (block == nullptr) {
-      block = std::aligned_alloc(kAlignment, size);
-      if (block == nullptr) {
-        release();  // cached blocks may be what is in the way
-        block = std::aligned_alloc(kAlignment, size);
+      size_t needed = size;  // new resident bytes this request adds
+      Block taken{size, size, 0};
+      if (fit != free_.end()) {
+        block = fit->first;
+        taken = fit->second;
+        free_bytes_ -= taken.resident;
+        needed = taken.resident >= size ? 0 : size - taken.resident;
+        if (taken.resident > size) {
+          trim_from = size;
+          trim_to = taken.resident;
+        }
+        taken.resident = size;
+        free_.erase(fit);
       }
-      TORCH_CHECK(block != nullptr, "torchmoe: out of CPU memory allocating ", size, " bytes");
+      evict_locked(needed, unmap);
+      if (block != nullptr) in_use_[block] = taken;
     }
-    {
+    for (const auto& [b, s] : unmap) munmap(b, s);
+    if (block != nullptr) {
+      if (trim_to > trim_from) madvise(static_cast<char*>(block) + trim_from, trim_to - trim_from, MADV_DONTNEED);
+    } else {
+      void* mapped = map_block(size);
+      if (mapped == MAP_FAILED) {
+        release();  // free blocks of other sizes may be what is in the way
+        mapped = map_block(size);
+      }
+      TORCH_CHECK(mapped != MAP_FAILED, "torchmoe: out of CPU memory allocating ", size, " bytes");
+      block = mapped;
       std::lock_guard<std::mutex> lock(mutex_);
-      in_use_[block] = size;
+      in_use_[block] = Block{size, size, 0};
     }
     return {block, block, &give_back, c10::Device(c10::DeviceType::CPU)};
   }
@@ -67,18 +107,16 @@ class BlockCache final : public c10::Allocator {
   }
 
   int64_t release() {
-    std::vector<void*> blocks;
+    std::vector<std::pair<void*, size_t>> unmap;
     int64_t bytes = 0;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      for (auto& [size, list] : free_) {
-        bytes += static_cast<int64_t>(size * list.size());
-        for (const auto& f : list) blocks.push_back(f.block);
-      }
+      bytes = static_cast<int64_t>(free_bytes_);
+      for (const auto& [b, info] : free_) unmap.emplace_back(b, info.size);
       free_.clear();
       free_bytes_ = 0;
     }
-    for (void* b : blocks) std::free(b);
+    for (const auto& [b, s] : unmap) munmap(b, s);
     return bytes;
   }
 
@@ -102,47 +140,53 @@ class BlockCache final : public c10::Allocator {
  private:
   static void give_back(void* block) { instance().put(block); }
 
-  // Keeps the block, evicting the longest-held free blocks if the cache would exceed its limit: with
-  // changing shapes, old sizes stop coming back and the recent ones are the useful ones.
+  static void* map_block(size_t size) {
+    return mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  }
+
+  // Moves the longest-held free blocks to `unmap` until they held at least `bytes` resident bytes (or none
+  // is left).
+  void evict_locked(size_t bytes, std::vector<std::pair<void*, size_t>>& unmap) {
+    size_t evicted = 0;
+    while (evicted < bytes && !free_.empty()) {
+      auto oldest = free_.begin();
+      for (auto it = free_.begin(); it != free_.end(); ++it) {
+        if (it->second.age < oldest->second.age) oldest = it;
+      }
+      evicted += oldest->second.resident;
+      free_bytes_ -= oldest->second.resident;
+      unmap.emplace_back(oldest->first, oldest->second.size);
+      free_.erase(oldest);
+    }
+  }
+
+  // Keeps the block, evicting the longest-held free blocks if the cache would exceed its limit.
   void put(void* block) {
-    std::vector<void*> evicted;
+    std::vector<std::pair<void*, size_t>> unmap;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       auto it = in_use_.find(block);
       TORCH_INTERNAL_ASSERT(it != in_use_.end(), "torchmoe: freeing a block the output cache does not own");
-      const size_t size = it->second;
+      Block info = it->second;
       in_use_.erase(it);
-      if (size > limit_) {
-        evicted.push_back(block);
+      if (info.resident > limit_) {
+        unmap.emplace_back(block, info.size);
       } else {
-        while (free_bytes_ + size > limit_) {
-          auto oldest = free_.begin();
-          for (auto f = free_.begin(); f != free_.end(); ++f) {
-            if (f->second.front().age < oldest->second.front().age) oldest = f;
-          }
-          evicted.push_back(oldest->second.front().block);
-          free_bytes_ -= oldest->first;
-          oldest->second.pop_front();
-          if (oldest->second.empty()) free_.erase(oldest);
-        }
-        free_[size].push_back({block, next_age_++});
-        free_bytes_ += size;
+        if (free_bytes_ + info.resident > limit_) evict_locked(free_bytes_ + info.resident - limit_, unmap);
+        info.age = next_age_++;
+        free_.emplace_back(block, info);
+        free_bytes_ += info.resident;
       }
     }
-    for (void* b : evicted) std::free(b);
+    for (const auto& [b, s] : unmap) munmap(b, s);
   }
 
   const size_t limit_ = cache_limit_from_env();
   std::mutex mutex_;
-  struct FreeBlock {
-    void* block;
-    uint64_t age;  // order of release
-  };
-  // Per size, oldest first: reuse takes the newest (warm in cache), eviction the oldest.
-  std::unordered_map<size_t, std::deque<FreeBlock>> free_;
+  std::vector<std::pair<void*, Block>> free_;  // a few dozen at most: linear scans
   uint64_t next_age_ = 0;
-  std::unordered_map<void*, size_t> in_use_;
-  size_t free_bytes_ = 0;
+  std::unordered_map<void*, Block> in_use_;
+  size_t free_bytes_ = 0;  // resident bytes of the free blocks
 };
 
 }  // namespace

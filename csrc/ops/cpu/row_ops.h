@@ -25,9 +25,11 @@ namespace torchmoe::cpu {
 template <typename T>
 using acc_type = at::opmath_type<T>;
 
-// Minimum rows per parallel task: about 32K elements, so small rows are not one task each.
+// Minimum rows per parallel task: about 256K elements (a few tens of microseconds), so small rows are not one
+// task each, and a decode step's few tokens stay on the caller (a parallel region costs more than their copy,
+// and on a busy machine waits a scheduler slice for a late thread).
 inline int64_t row_grain(int64_t d) {
-  constexpr int64_t kGrainElements = 32768;
+  constexpr int64_t kGrainElements = int64_t{1} << 18;
   return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(d, 1));
 }
 

@@ -204,12 +204,13 @@ class MoE(nn.Module):
         # give such capacities); both tensors are contiguous, so their strides give the same views.
         return t.as_strided((E, cap, d), (cap * d, d, 1)) if split else t.as_strided((E * cap, d), (d, 1))
 
-    def _aux_losses(self, logits: Tensor, indices: Tensor) -> Tensor:
+    def _aux_losses(self, logits: Tensor, indices: Tensor, counts: Optional[Tensor] = None) -> Tensor:
         load_loss: Optional[Tensor] = None
         if hasattr(self.router, "load_loss"):
             if self.training:
                 load_loss = self.router.load_loss
-        return router_aux_loss(logits, indices, self.score_func, self.aux_loss_weight, self.z_loss_weight, load_loss)
+        return router_aux_loss(logits, indices, self.score_func, self.aux_loss_weight, self.z_loss_weight, load_loss,
+                               counts)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.impl == "reference":
@@ -237,7 +238,7 @@ class MoE(nn.Module):
             out = self._experts_grouped(rows, counts)
             dropped = torch.zeros((), dtype=torch.long, device=x.device)
         y = ops.combine(out, dest, weights)
-        self.aux_loss = self._aux_losses(logits, indices)
+        self.aux_loss = self._aux_losses(logits, indices, counts)
         self.expert_counts = counts
         self.dropped_tokens = dropped
         return y.view(x.shape)

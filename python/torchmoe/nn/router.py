@@ -246,6 +246,14 @@ def make_router(
     raise ValueError(f"{owner}: router must be 'topk' or 'noisy', got {router!r}")
 
 
+def _router_probs(logits: Tensor, score_func: str) -> Tensor:
+    """Router probabilities for load balancing: the softmax, or sigmoid scores normalised per token."""
+    if score_func == "sigmoid":
+        s = torch.sigmoid(logits)
+        return s / s.sum(-1, keepdim=True).clamp_min(1e-20)
+    return torch.softmax(logits, dim=-1)
+
+
 def router_aux_loss(
     logits: Tensor,
     indices: Tensor,
@@ -253,20 +261,34 @@ def router_aux_loss(
     aux_loss_weight: float,
     z_loss_weight: float,
     load_loss: Optional[Tensor] = None,
+    counts: Optional[Tensor] = None,
 ) -> Tensor:
     """A sparse layer's weighted auxiliary loss: Switch load balancing on the router probabilities (sigmoid
     scores normalised per token, or the softmax), plus the router z-loss, plus the noisy router's load loss
-    (given only in training) under the load-balancing weight."""
+    (given only in training) under the load-balancing weight.
+
+    ``counts``: assignments per expert, when already counted (route_plan's counts). Then the same sums are
+    taken in a third of the small ops (what a decode step of a few tokens pays for the aux loss): the softmax
+    as ``exp(logits - lse)`` with the z-loss's logsumexp (``torch.softmax`` on CPU splits even a few rows over
+    threads, milliseconds on a busy machine), then ``E / (T k T) * counts . sum_t probs`` and ``lse . lse / T``
+    as dot products. Without it, through :mod:`torchmoe.losses`."""
     aux = torch.zeros((), dtype=torch.float32, device=logits.device)
-    if aux_loss_weight != 0.0:
-        if score_func == "sigmoid":
-            s = torch.sigmoid(logits)
-            probs = s / s.sum(-1, keepdim=True).clamp_min(1e-20)
-        else:
-            probs = torch.softmax(logits, dim=-1)
-        aux = aux + aux_loss_weight * losses.switch_load_balancing_loss(probs, indices)
-    if z_loss_weight != 0.0:
-        aux = aux + z_loss_weight * losses.router_z_loss(logits)
+    if counts is None:
+        if aux_loss_weight != 0.0:
+            aux = aux + aux_loss_weight * losses.switch_load_balancing_loss(_router_probs(logits, score_func), indices)
+        if z_loss_weight != 0.0:
+            aux = aux + z_loss_weight * losses.router_z_loss(logits)
+    elif aux_loss_weight != 0.0 or z_loss_weight != 0.0:
+        num_experts = logits.shape[-1]
+        flat = logits.reshape(-1, num_experts)
+        num_tokens = max(flat.shape[0], 1)
+        lse = torch.logsumexp(flat, dim=-1)
+        if aux_loss_weight != 0.0:
+            probs = _router_probs(flat, score_func) if score_func == "sigmoid" else torch.exp(flat - lse.unsqueeze(-1))
+            scale = aux_loss_weight * num_experts / max(indices.numel(), 1) / num_tokens
+            aux = aux + torch.dot(probs.sum(0), counts.to(probs.dtype)) * scale
+        if z_loss_weight != 0.0:
+            aux = aux + torch.dot(lse, lse) * (z_loss_weight / num_tokens)
     if load_loss is not None and aux_loss_weight != 0.0:
         aux = aux + aux_loss_weight * load_loss
     return aux

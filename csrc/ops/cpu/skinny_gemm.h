@@ -1,0 +1,40 @@
+// Products with a few rows (a decode step's tokens on an expert): out = x @ w and out = g @ w^T for x / g with
+// at most kSkinnyMaxRows rows, for grouped_mm's CPU kernel.
+//
+// Why not the GEMM: with a few rows a product is one pass over w, so its time is the time to read w. A GEMM
+// packs w into panels first (a copy of w, read and written, for a few multiply-adds per element); these
+// kernels read w straight from memory, once, as stored (float32, bfloat16 or float16, converted in registers,
+// multiply-adds in float32), with the rows' values and accumulators in registers.
+//
+// Every output element is one float32 sum in a fixed order (along the reduction, in vector lanes then a fixed
+// tree for the transposed form), whatever the column range a call covers: callers may split the columns over
+// threads freely without changing a result bit.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+
+namespace torchmoe::cpu {
+
+// grouped_mm runs an expert with 1..kSkinnyMaxRows rows on these kernels.
+constexpr int64_t kSkinnyMaxRows = 16;
+
+// True when the AVX-512 kernels run (AVX-512 F, BW and VL, and TORCHMOE_DISABLE_AVX512 unset or "0"); else a
+// portable C++ version does the same sums.
+bool skinny_avx512_available();
+
+// out[r, j] = sum_p x[r, p] * w[p, j] for r < rows, j0 <= j < j1. x [rows, k] (row stride ldx), w [k, *]
+// (row stride ldw), out [rows, *] (row stride ldo), all of T (float, c10::BFloat16 or c10::Half).
+template <typename T>
+void skinny_mm(int64_t rows, int64_t k, int64_t j0, int64_t j1, const T* x, int64_t ldx, const T* w, int64_t ldw,
+               T* out, int64_t ldo);
+
+// out[r, i] = sum_j g[r, j] * w[i, j] for r < rows, i0 <= i < i1 (g @ w^T). g [rows, k] (row stride ldg),
+// w [*, k] (row stride ldw), out [rows, *] (row stride ldo).
+template <typename T>
+void skinny_mm_transposed(int64_t rows, int64_t k, int64_t i0, int64_t i1, const T* g, int64_t ldg, const T* w,
+                          int64_t ldw, T* out, int64_t ldo);
+
+}  // namespace torchmoe::cpu
