@@ -10,6 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 transformers = pytest.importorskip("transformers")
 
 import torchmoe  # noqa: E402
+from conftest import run_python, train_causal_lm  # noqa: E402
 from torchmoe.integrations import transformers as tm_hf  # noqa: E402
 from transformers import (  # noqa: E402
     DeepseekV3Config, DeepseekV3ForCausalLM, GptOssConfig, GptOssForCausalLM, GraniteMoeConfig,
@@ -187,16 +188,8 @@ def test_from_config_with_torchmoe_experts():
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss"])
 def test_patched_model_trains(family):
-    model = patched(build(family)).train()
-    ids = batch(seed=4, batch_size=4, seq=8)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(6):
-        opt.zero_grad()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    model = patched(build(family))
+    losses = train_causal_lm(model, batch(seed=4, batch_size=4, seq=8), steps=6, lr=3e-3)
     assert losses[-1] < losses[0] - 0.05, losses
 
 
@@ -325,8 +318,6 @@ def test_supported_router_classes_cover_the_families():
 
 
 def test_import_torchmoe_does_not_import_transformers():
-    from conftest import run_python
-
     out = run_python("import sys, torchmoe, torchmoe.nn, torchmoe.integrations; "
                      "print('transformers' in sys.modules)")
     assert out.strip() == "False"
