@@ -105,6 +105,33 @@ def test_non_contiguous_inputs():
     torch.testing.assert_close(torchmoe.grouped_mm(wide, w, c), reference.grouped_mm(wide, w, c))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_strided_weight_views_forward_backward(dtype):
+    # Hugging Face stores expert weights as [E, d_out, d_in] and passes their transposed view; a column slice of
+    # that view ([gate; up] halves) and a view with the expert dim permuted (copied inside) must give the same
+    # results and gradients as contiguous weights.
+    x, _, c = make([37, 0, 250, 9], 40, 33, dtype=dtype, requires_grad=True)
+    g = torch.Generator().manual_seed(1)
+    param = torch.randn(4, 66, 40, generator=g, dtype=dtype, requires_grad=True)  # [E, 2 * d_out, d_in]
+    permuted = torch.randn(40, 4, 33, generator=g, dtype=dtype, requires_grad=True)
+    views = [param.transpose(1, 2), param.transpose(1, 2)[..., 33:], permuted.transpose(0, 1)]
+    grad = torch.randn(x.shape[0], 66, generator=g, dtype=dtype)
+    for w in views:
+        out = torchmoe.grouped_mm(x, w, c)
+        dense = w.detach().contiguous().requires_grad_(True)
+        ref = reference.grouped_mm(x, dense, c)
+        torch.testing.assert_close(out, ref, **TOL[dtype])
+        gx, gw = torch.autograd.grad(out, (x, w), grad[:, : out.shape[1]])
+        rx, rw = torch.autograd.grad(ref, (x, dense), grad[:, : out.shape[1]])
+        torch.testing.assert_close(gx, rx, **TOL[dtype])
+        torch.testing.assert_close(gw, rw, **TOL[dtype])
+    param.grad = None
+    torchmoe.grouped_mm(x, param.transpose(1, 2), c).backward(grad)
+    ref_param = param.detach().clone().requires_grad_(True)
+    reference.grouped_mm(x, ref_param.transpose(1, 2), c).backward(grad)
+    torch.testing.assert_close(param.grad, ref_param.grad, **TOL[dtype])
+
+
 def test_deterministic_across_thread_counts():
     x, w, c = make([700, 3, 0, 900], 64, 48, requires_grad=True)
     grad = torch.randn(x.shape[0], 48)

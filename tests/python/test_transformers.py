@@ -406,3 +406,121 @@ def test_router_ties_inside_the_selection():
     assert i.tolist() == [[0, 1], [1, 3]]
     torch.testing.assert_close(i.sort(1).values, ref_i.sort(1).values, rtol=0, atol=0)
     torch.testing.assert_close(w, ref_v)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The experts backend on the experts classes of other families (their own flags: transposed, biased, custom
+# gate, non-gated, post-expert norm), module by module against their eager forward
+# ---------------------------------------------------------------------------------------------------------
+
+OTHER_FAMILIES = ["aria", "deepseek_v2", "ernie4_5_moe", "flex_olmo", "glm4_moe", "hunyuan_v1_moe", "jamba",
+                  "minimax", "muse_spark", "nemotron_h", "openai_privacy_filter", "phimoe", "qwen3_5_moe",
+                  "qwen3_next", "dots1", "granitemoeshared"]
+TINY = dict(hidden_size=32, moe_hidden_size=32, intermediate_size=16, moe_intermediate_size=16, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=64, num_experts=6,
+            num_local_experts=6, n_routed_experts=6, num_experts_per_tok=2)
+
+
+def _tiny(config_cls, **overrides):
+    """A default config of config_cls shrunk to TINY sizes (fields a config refuses keep their default)."""
+    config = config_cls()
+    for key, value in {**TINY, **overrides}.items():
+        try:
+            if hasattr(config, key):
+                setattr(config, key, value)
+        except Exception:  # strict per-field validation, per-layer attributes
+            pass
+    return config
+
+
+def _experts_of(family):
+    import importlib
+
+    modeling = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    configuration = importlib.import_module(f"transformers.models.{family}.configuration_{family}")
+    classes = [c for c in vars(modeling).values() if isinstance(c, type) and issubclass(c, torch.nn.Module)
+               and c.__module__ == modeling.__name__ and hasattr(getattr(c, "forward"), "__wrapped__")
+               and hasattr(c, "_apply_gate")]
+    configs = [c for c in vars(configuration).values() if isinstance(c, type)
+               and issubclass(c, transformers.PreTrainedConfig) and c.__module__ == configuration.__name__]
+    for config_cls in sorted(configs, key=lambda c: "Text" not in c.__name__):
+        try:
+            return [cls(_tiny(config_cls)) for cls in classes]
+        except Exception:
+            continue
+    pytest.fail(f"no tiny config builds the experts of {family}")
+
+
+@pytest.mark.parametrize("family", OTHER_FAMILIES)
+def test_experts_backend_on_other_families(family):
+    for experts in _experts_of(family):
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for p in experts.parameters():
+                p.normal_(0.0, 0.3)
+        experts.config._experts_implementation = "eager"
+        down = experts.down_proj
+        hidden = down.shape[2] if experts.is_transposed else down.shape[1]
+        tokens, k = 13, 2
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(tokens, hidden, generator=g, requires_grad=True)
+        index = torch.stack([torch.randperm(experts.num_experts, generator=g)[:k] for _ in range(tokens)])
+        weights = torch.rand(tokens, k, generator=g, requires_grad=True)
+        params = [x, weights] + [p for p in experts.parameters()]
+        ref = experts(x, index, weights)
+        ref_grads = torch.autograd.grad(ref.square().sum(), params, allow_unused=True)
+        experts.config._experts_implementation = "torchmoe"
+        with OpRecorder() as rec:
+            out = experts(x, index, weights)
+            grads = torch.autograd.grad(out.square().sum(), params, allow_unused=True)
+        assert {"route_plan", "dispatch", "grouped_mm", "combine", "_grouped_mm_backward"} <= set(rec.ops)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+        for a, b in zip(grads, ref_grads):
+            assert (a is None) == (b is None)
+            if b is not None:
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_every_served_router_class_matches_its_hf_forward():
+    """Every router class apply_torchmoe serves (the reference families and the other families whose router is
+    the same code) gives HF's experts, weights and logits."""
+    import importlib
+
+    served = tm_hf.supported_router_classes()
+    assert len(served) >= 7
+    checked = 0
+    for qualified in served:
+        family, name = qualified.split(".")
+        cls = getattr(importlib.import_module(f"transformers.models.{family}.modeling_{family}"), name)
+        configuration = importlib.import_module(f"transformers.models.{family}.configuration_{family}")
+        configs = [c for c in vars(configuration).values() if isinstance(c, type)
+                   and issubclass(c, transformers.PreTrainedConfig) and c.__module__ == configuration.__name__]
+        router = None
+        for config_cls in sorted(configs, key=lambda c: "Text" not in c.__name__):
+            try:
+                router = cls(_tiny(config_cls, num_experts=8, num_local_experts=8, n_routed_experts=8, n_group=2,
+                                   topk_group=1))
+                break
+            except Exception:
+                continue
+        assert router is not None, qualified
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for p in router.parameters():
+                p.normal_(0.0, 1.0)
+            for b_name, b in router.named_buffers():
+                if "bias" in b_name:
+                    b.normal_(0.0, 0.1)
+        patched_router = copy.deepcopy(router)
+        patched_router.__class__ = tm_hf._patched_instance_class(cls, tm_hf._torchmoe_router_for(cls))
+        x = torch.randn(20, router.weight.shape[1])
+        ref = router(x)
+        out = patched_router(x)
+        assert len(out) == len(ref) == 3, qualified
+        torch.testing.assert_close(out[0], ref[0], rtol=0, atol=0)
+        ref_order, order = ref[2].sort(dim=1), out[2].sort(dim=1)
+        assert torch.equal(order.values, ref_order.values), qualified
+        torch.testing.assert_close(out[1].gather(1, order.indices), ref[1].gather(1, ref_order.indices),
+                                   rtol=1e-5, atol=1e-6, msg=lambda m: f"{qualified}: {m}")
+        checked += 1
+    assert checked == len(served)
