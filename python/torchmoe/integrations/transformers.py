@@ -356,7 +356,6 @@ def _patch_model(model: nn.Module, router: bool, experts: bool) -> nn.Module:
     experts_modules = [(n, m) for n, m in modules if _is_hf_experts(m)]
     blocks = {n.rpartition(".")[0] for n, _ in experts_modules}
     routers = [(n, m) for n, m in modules if n.rpartition(".")[0] in blocks and _looks_like_router(n, m)]
-    families = sorted({_family(type(m)) for _, m in experts_modules + routers})
     if not experts_modules:
         moe_like = sorted({_family(type(m)) for _, m in modules if any(
             s in type(m).__name__ for s in ("Expert", "MoE", "Moe", "Router", "Gate"))})
@@ -393,7 +392,6 @@ def _patch_model(model: nn.Module, router: bool, experts: bool) -> nn.Module:
             config = getattr(module, "config", None)
             if config is not None and config._experts_implementation != BACKEND_NAME:
                 config._experts_implementation = BACKEND_NAME
-    model._torchmoe_families = families
     return model
 
 
