@@ -128,35 +128,54 @@ bool use_fast_sgemm(const at::Tensor& x) {
   return x.scalar_type() == at::kFloat && cpu::fast_sgemm_available();
 }
 
+// weight[e] is read in place when one of its two matrix dims has unit stride (a transposed view such as
+// Hugging Face's [E, d_out, d_in] parameters read as [E, d_in, d_out], or a slice of its columns); any other
+// layout is made contiguous.
+at::Tensor matrix_strided(const at::Tensor& weight) {
+  return weight.stride(2) == 1 || weight.stride(1) == 1 ? weight : weight.contiguous();
+}
+
 // out rows of e = x rows of e @ weight[e]
 void grouped_mm_fast(const at::Tensor& x, const at::Tensor& weight, const std::vector<int64_t>& offsets,
                      at::Tensor& out) {
   const int64_t d_in = weight.size(1), d_out = weight.size(2);
+  const int64_t w_es = weight.stride(0), w_rs = weight.stride(1), w_cs = weight.stride(2);
   std::vector<ExpertGemm> gemms;
   for (size_t e = 0; e + 1 < offsets.size(); ++e) {
     gemms.push_back({offsets[e + 1] - offsets[e], d_out, d_in, x.const_data_ptr<float>() + offsets[e] * d_in, d_in, 1,
-                     weight.const_data_ptr<float>() + static_cast<int64_t>(e) * d_in * d_out, d_out, 1,
+                     weight.const_data_ptr<float>() + static_cast<int64_t>(e) * w_es, w_rs, w_cs,
                      out.mutable_data_ptr<float>() + offsets[e] * d_out, d_out});
   }
   run_gemms(gemms);
 }
 
 // grad_x rows of e = grad_output rows of e @ weight[e]^T; grad_weight[e] = x_e^T @ grad_output_e (zeros for
-// an expert without rows). Both sets of products share one block list.
+// an expert without rows). Both sets of products share one block list. With `grad_weight_transposed`,
+// grad_weight is a contiguous [E, d_out, d_in] buffer receiving grad_output_e^T @ x_e (returned as its
+// transposed view, so the gradient of a transposed weight view lands in its parameter's own layout).
 void grouped_mm_backward_fast(const at::Tensor& grad_output, const at::Tensor& x, const at::Tensor& weight,
-                              const std::vector<int64_t>& offsets, at::Tensor& grad_x, at::Tensor& grad_weight) {
+                              const std::vector<int64_t>& offsets, at::Tensor& grad_x, at::Tensor& grad_weight,
+                              bool grad_weight_transposed) {
   const int64_t d_in = weight.size(1), d_out = weight.size(2);
+  const int64_t w_es = weight.stride(0), w_rs = weight.stride(1), w_cs = weight.stride(2);
   const float* g = grad_output.const_data_ptr<float>();
   const float* xs = x.const_data_ptr<float>();
   const float* w = weight.const_data_ptr<float>();
+  float* gw = grad_weight.mutable_data_ptr<float>();
   std::vector<ExpertGemm> gemms;
   for (size_t e = 0; e + 1 < offsets.size(); ++e) {
     const int64_t rows = offsets[e + 1] - offsets[e];
-    const float* w_e = w + static_cast<int64_t>(e) * d_in * d_out;
-    gemms.push_back({rows, d_in, d_out, g + offsets[e] * d_out, d_out, 1, w_e, 1, d_out,
+    const float* w_e = w + static_cast<int64_t>(e) * w_es;
+    const float* g_e = g + offsets[e] * d_out;
+    const float* x_e = xs + offsets[e] * d_in;
+    gemms.push_back({rows, d_in, d_out, g_e, d_out, 1, w_e, w_cs, w_rs,
                      grad_x.mutable_data_ptr<float>() + offsets[e] * d_in, d_in});
-    gemms.push_back({d_in, d_out, rows, xs + offsets[e] * d_in, 1, d_in, g + offsets[e] * d_out, d_out, 1,
-                     grad_weight.mutable_data_ptr<float>() + static_cast<int64_t>(e) * d_in * d_out, d_out});
+    float* gw_e = gw + static_cast<int64_t>(e) * d_in * d_out;
+    if (grad_weight_transposed) {
+      gemms.push_back({d_out, d_in, rows, g_e, 1, d_out, x_e, d_in, 1, gw_e, d_in});
+    } else {
+      gemms.push_back({d_in, d_out, rows, x_e, 1, d_in, g_e, d_out, 1, gw_e, d_out});
+    }
   }
   run_gemms(gemms);
 }
@@ -164,7 +183,7 @@ void grouped_mm_backward_fast(const at::Tensor& grad_output, const at::Tensor& x
 at::Tensor grouped_mm_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& counts) {
   checks::check_grouped_mm_args(x_in, weight_in, counts);
   const auto x = x_in.contiguous();
-  const auto weight = weight_in.contiguous();
+  const auto weight = matrix_strided(weight_in);
   const int64_t n = x.size(0);
   const auto offsets = expert_offsets(counts, n, "grouped_mm");
   auto out = cpu::empty_output({n, weight.size(2)}, x.options());
@@ -186,18 +205,23 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cpu(const at::Tensor& gra
   checks::check_grouped_mm_backward_args(grad_output_in, x_in, weight_in, counts);
   const auto grad_output = grad_output_in.contiguous();
   const auto x = x_in.contiguous();
-  const auto weight = weight_in.contiguous();
+  const auto weight = matrix_strided(weight_in);
   const int64_t n = x.size(0);
   const int64_t num_experts = weight.size(0);
   const int64_t d_in = weight.size(1);
   const auto offsets = expert_offsets(counts, n, "_grouped_mm_backward");
 
   auto grad_x = cpu::empty_output(x.sizes(), x.options());
-  auto grad_weight = cpu::empty_output(weight.sizes(), weight.options());
   if (use_fast_sgemm(x)) {
-    grouped_mm_backward_fast(grad_output, x, weight, offsets, grad_x, grad_weight);
-    return {grad_x, grad_weight};
+    // A weight read as a transposed view (unit stride along d_in) gets its gradient in that same layout.
+    const bool transposed = weight.stride(1) == 1 && weight.stride(2) != 1;
+    auto grad_weight = transposed
+        ? cpu::empty_output({num_experts, weight.size(2), d_in}, weight.options())
+        : cpu::empty_output(weight.sizes(), weight.options());
+    grouped_mm_backward_fast(grad_output, x, weight, offsets, grad_x, grad_weight, transposed);
+    return {grad_x, transposed ? grad_weight.transpose(1, 2) : grad_weight};
   }
+  auto grad_weight = cpu::empty_output(weight.sizes(), weight.options());
 
   // grad_x rows of e = grad_output rows of e @ weight[e]^T, in row blocks; and
   // grad_weight[e] = x_e^T @ grad_output_e, blocked over d_in so each block's reduction over the expert's
