@@ -135,18 +135,34 @@ at::Tensor matrix_strided(const at::Tensor& weight) {
   return weight.stride(2) == 1 || weight.stride(1) == 1 ? weight : weight.contiguous();
 }
 
+// Forward products of experts with fewer rows than this are one BLAS call each (at::mm_out), also in the float32
+// path: torchmoe's GEMM packs the whole of weight[e] for every product, which costs more than the product itself
+// when an expert has a handful of rows (decoding), the more so for a transposed weight view.
+constexpr int64_t kFewRows = 64;
+
 // out rows of e = x rows of e @ weight[e]
 void grouped_mm_fast(const at::Tensor& x, const at::Tensor& weight, const std::vector<int64_t>& offsets,
                      at::Tensor& out) {
   const int64_t d_in = weight.size(1), d_out = weight.size(2);
   const int64_t w_es = weight.stride(0), w_rs = weight.stride(1), w_cs = weight.stride(2);
   std::vector<ExpertGemm> gemms;
+  std::vector<Task> few;
   for (size_t e = 0; e + 1 < offsets.size(); ++e) {
-    gemms.push_back({offsets[e + 1] - offsets[e], d_out, d_in, x.const_data_ptr<float>() + offsets[e] * d_in, d_in, 1,
+    const int64_t rows = offsets[e + 1] - offsets[e];
+    if (rows == 0) continue;
+    if (rows < kFewRows) {
+      few.push_back({false, static_cast<int64_t>(e), offsets[e], rows});
+      continue;
+    }
+    gemms.push_back({rows, d_out, d_in, x.const_data_ptr<float>() + offsets[e] * d_in, d_in, 1,
                      weight.const_data_ptr<float>() + static_cast<int64_t>(e) * w_es, w_rs, w_cs,
                      out.mutable_data_ptr<float>() + offsets[e] * d_out, d_out});
   }
-  run_gemms(gemms);
+  if (!gemms.empty()) run_gemms(gemms);
+  run_tasks(few, [&](const Task& t) {
+    auto dst = out.narrow(0, t.begin, t.length);
+    at::mm_out(dst, x.narrow(0, t.begin, t.length), weight.select(0, t.expert));
+  });
 }
 
 // grad_x rows of e = grad_output rows of e @ weight[e]^T; grad_weight[e] = x_e^T @ grad_output_e (zeros for
