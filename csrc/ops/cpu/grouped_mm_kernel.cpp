@@ -2,7 +2,9 @@
 // (at::parallel_for workers). float32 on a CPU with AVX-512 runs torchmoe's own GEMM (sgemm.h), whose result
 // does not depend on how a product is cut, so blocks are sized to the thread count; other dtypes run one
 // BLAS call (at::mm_out) per fixed-size block, so every output element comes from the same call whatever
-// the thread count. counts is read on the host (it already lives there on CPU).
+// the thread count (as do float32 forward products of experts with few rows, see kFewRows). A weight whose
+// matrix dims have one unit stride (a transposed view) is read in place. counts is read on the host (it
+// already lives there on CPU).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
