@@ -130,15 +130,24 @@ def torchmoe_experts_forward(
         row_expert.scatter_(0, dest.reshape(-1), indices.reshape(-1))
 
     if self.has_gate:
-        # One product over [gate; up] (the weight's gradient then comes back in the parameter's own layout).
-        hidden = ops.grouped_mm(rows, _in_out(self.gate_up_proj, is_transposed), counts)  # [T*k, 2I]
-        if row_expert is not None:
-            hidden = hidden + self.gate_up_proj_bias[row_expert]
-        if getattr(type(self), "_apply_gate", None) is _hf_moe._default_apply_gate:
-            gate, up = hidden.chunk(2, dim=-1)
-            hidden = ops.swiglu(gate, up) if _is_silu(self.act_fn) else self.act_fn(gate) * up
+        w1 = _in_out(self.gate_up_proj, is_transposed)  # [E, H, 2I]
+        default_gate = getattr(type(self), "_apply_gate", None) is _hf_moe._default_apply_gate
+        if default_gate and row_expert is None and not (torch.is_grad_enabled() and w1.requires_grad):
+            # Without a weight gradient, gate and up are two products on column views of the weight, whose
+            # outputs feed the activation without copies.
+            half = w1.shape[-1] // 2
+            gate, up = ops.grouped_mm(rows, w1[..., :half], counts), ops.grouped_mm(rows, w1[..., half:], counts)
         else:
-            hidden = self._apply_gate(hidden)  # the model's own gate (GPT-OSS: interleaved, clamped SwiGLU)
+            # One product over [gate; up]: the weight's gradient comes back in the parameter's own layout.
+            hidden = ops.grouped_mm(rows, w1, counts)  # [T*k, 2I]
+            if row_expert is not None:
+                hidden = hidden + self.gate_up_proj_bias[row_expert]
+            if not default_gate:
+                hidden = self._apply_gate(hidden)  # the model's own gate (GPT-OSS: interleaved, clamped SwiGLU)
+            else:
+                gate, up = hidden.chunk(2, dim=-1)
+        if default_gate:
+            hidden = ops.swiglu(gate, up) if _is_silu(self.act_fn) else self.act_fn(gate) * up
     else:
         hidden = ops.grouped_mm(rows, _in_out(self.up_proj, is_transposed), counts)
         if row_expert is not None:
