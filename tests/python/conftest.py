@@ -28,3 +28,18 @@ def _seed():
 
 def pytest_report_header(config):
     return f"torch {torch.__version__}, torchmoe CUDA kernels: {torchmoe.built_with_cuda()}, GPU: {CUDA}"
+
+
+def train_causal_lm(model, input_ids, steps: int, lr: float) -> list:
+    """AdamW steps of a causal LM (transformers-style: model(input_ids=..., labels=...).loss) on one batch, over
+    its trainable parameters; returns the loss of every step."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses

@@ -445,3 +445,57 @@ def test_bad_device():
     x, w, c = good()
     with pytest.raises(RuntimeError, match="'x' and 'weight'.*same device"):
         torchmoe.grouped_mm(x, w.to("meta"), c)
+
+
+# Hugging Face stores expert weights as [E, d_out, d_in] and passes their transposed view; [gate; up] halves are
+# column slices of it. Weights with a unit-stride matrix dim are read in place (GEMM, skinny kernels and BLAS
+# paths), any other layout is copied; results and gradients equal those of the contiguous weight.
+def strided_weight_views(d_in, d_out, num_experts, dtype, g):
+    stored = torch.randn(num_experts, 2 * d_out, d_in, generator=g, dtype=torch.float64).to(dtype)
+    rows = torch.randn(num_experts, d_in, 2 * d_out + 3, generator=g, dtype=torch.float64).to(dtype)
+    permuted = torch.randn(d_in, num_experts, d_out, generator=g, dtype=torch.float64).to(dtype)
+    return {
+        "transposed": stored[:, :d_out].transpose(1, 2),
+        "transposed column slice": stored.transpose(1, 2)[..., d_out:],
+        "row-major column slice": rows[..., 2 : 2 + d_out],
+        "expert dim permuted": permuted.transpose(0, 1),
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("counts", [[37, 0, 250, 9], [1, 2, 0, 16], [17, 3, 5, 64]])
+def test_strided_weight_views_forward_backward(counts, dtype):
+    g = torch.Generator().manual_seed(1)
+    for d_in, d_out in [(40, 33), (96, 200), (7, 1)]:
+        x, _, c = make(counts, d_in, d_out, dtype=dtype, requires_grad=True)
+        grad = torch.randn(x.shape[0], d_out, generator=g, dtype=torch.float64).to(dtype)
+        for name, view in strided_weight_views(d_in, d_out, len(counts), dtype, g).items():
+            w = view.requires_grad_(True)
+            out = torchmoe.grouped_mm(x, w, c)
+            gx, gw = torch.autograd.grad(out, (x, w), grad)
+            dense = w.detach().contiguous().requires_grad_(True)
+            want = torchmoe.grouped_mm(x, dense, c)
+            wx, ww = torch.autograd.grad(want, (x, dense), grad)
+            xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+            ref = reference.grouped_mm(xr, wr, c)
+            rx, rw = torch.autograd.grad(ref, (xr, wr), grad.double())
+            tol = TOL[dtype] if dtype == torch.float64 else SKINNY_TOL[dtype] if max(counts) <= 16 else TOL[dtype]
+            torch.testing.assert_close(out.double(), ref, **tol, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(gx.double(), rx, **tol, msg=lambda m: f"{name}: {m}")
+            gw_tol = TOL[dtype] if dtype == torch.float64 else GRAD_WEIGHT_TOL[dtype]
+            torch.testing.assert_close(gw.double(), rw, **gw_tol, msg=lambda m: f"{name}: {m}")
+            if dtype != torch.float64:  # same kernels as the contiguous weight: the same bits where skinny
+                skinny_rows = [r for r, n in enumerate(counts) if 0 < n <= 16]
+                for e in skinny_rows:
+                    lo, hi = sum(counts[:e]), sum(counts[: e + 1])
+                    if view.stride(2) == 1:
+                        assert torch.equal(out[lo:hi], want[lo:hi]), name
+
+
+def test_strided_weight_views_do_not_depend_on_thread_count():
+    g = torch.Generator().manual_seed(2)
+    for dtype in (torch.float32, torch.bfloat16):
+        x, _, c = make([1, 0, 2, 16, 5, 40, 3, 9], 96, 200, dtype=dtype, requires_grad=True)
+        grad = torch.randn(x.shape[0], 200).to(dtype)
+        for view in strided_weight_views(96, 200, 8, dtype, g).values():
+            assert_same_on_thread_counts(x, view.requires_grad_(True), c, grad, (1, 2, 3))

@@ -4,9 +4,10 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import torchmoe  # noqa: F401  (registers the ops)
-from torchmoe.nn.molora import MoLoRA, inject_molora
+from torchmoe.nn.molora import MoLoRA, inject_molora, load_molora, molora_state_dict, save_molora, unload_molora
 
 
 def seed_molora(m: MoLoRA, x: torch.Tensor) -> torch.Tensor:
@@ -22,7 +23,7 @@ def seed_molora(m: MoLoRA, x: torch.Tensor) -> torch.Tensor:
             order = torch.sort(logits, descending=True, stable=True).indices[: m.top_k]
             gates = torch.zeros(m.num_experts, dtype=torch.float64)
             gates[order] = torch.softmax(logits[order].double(), 0)
-        out = m.base(h).double()
+        out = F.linear(h, m.weight, m.bias).double()
         for i in range(m.num_experts):
             delta = m.lora_B[i].t().double() @ (m.lora_A[i].t().double() @ h.double())
             out = out + gates[i] * (m.alpha / m.rank) * delta
@@ -152,7 +153,7 @@ def test_script_save_load(tmp_path, top_k):
     y.sum().backward()
     grads = {n: p.grad for n, p in loaded.named_parameters()}
     assert grads["lora_A"] is not None and grads["lora_B"] is not None and grads["expert_embed"] is not None
-    assert grads["base.weight"] is None
+    assert grads["weight"] is None
 
 
 @pytest.mark.parametrize("top_k, backend", [(None, "aot_eager"), (2, "inductor")])
@@ -247,7 +248,7 @@ def test_inject_molora_small_model():
         else:
             assert p.grad is None, n
 
-    # A second injection on the same names finds the wrappers' bases, which it leaves alone.
+    # A second injection on the same names finds MoLoRA layers (not nn.Linear), which it leaves alone.
     with pytest.raises(ValueError, match="matches"):
         inject_molora(model, "q_proj", num_experts=2, rank=1)
     assert inject_molora(model, "out_proj", num_experts=2, rank=1) == ["layers.0.out_proj", "layers.1.out_proj"]
@@ -291,3 +292,126 @@ def test_cuda_matches_cpu(top_k):
         if p.requires_grad:
             torch.testing.assert_close(pc.grad.cpu(), p.grad, atol=1e-3, rtol=1e-3, msg=n)
     torch.testing.assert_close(torch.compile(mc, fullgraph=True)(x.cuda()).cpu(), y, atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- checkpoints, the PEFT way
+def test_base_parameter_names_unchanged():
+    torch.manual_seed(11)
+    model = TinyModel()
+    names_before = {k: v.clone() for k, v in model.state_dict().items()}
+    base = model.layers[0].q_proj
+    inject_molora(model, ["q_proj", "head"], num_experts=3, rank=2)
+    sd = model.state_dict()
+    for k, v in names_before.items():
+        assert k in sd and torch.equal(sd[k], v), k  # q_proj.weight is still q_proj.weight
+    adapters = set(sd) - set(names_before)
+    assert adapters == {f"{n}.{p}" for n in ["layers.0.q_proj", "layers.1.q_proj", "head"]
+                        for p in ("lora_A", "lora_B", "expert_embed")}
+    assert model.layers[0].q_proj.weight is base.weight  # the base's own parameter, not a copy
+    # the base checkpoint loads into the adapted model (adapters keep their values)
+    plain = TinyModel()
+    missing, unexpected = model.load_state_dict(plain.state_dict(), strict=False)
+    assert unexpected == [] and set(missing) == adapters
+    assert torch.equal(model.layers[0].q_proj.weight, plain.layers[0].q_proj.weight)
+
+
+def test_molora_state_dict_save_load_and_unload(tmp_path):
+    torch.manual_seed(12)
+    model = TinyModel()
+    inject_molora(model, ["q_proj", "v_proj"], num_experts=3, rank=2, alpha=4.0, top_k=2, temperature=0.5)
+    for m in model.modules():
+        if isinstance(m, MoLoRA):
+            randomise_b(m)
+    ids = torch.randint(0, 11, (2, 5))
+    expected = model(ids)
+    adapters = molora_state_dict(model)
+    assert set(adapters) == {f"layers.{i}.{p}_proj.{q}" for i in range(2) for p in "qv"
+                             for q in ("lora_A", "lora_B", "expert_embed")}
+    path = tmp_path / "adapters.safetensors"
+    save_molora(model, path)
+
+    # a fresh base model (same base weights), adapters rebuilt from the file's configuration
+    fresh = TinyModel()
+    fresh.load_state_dict({k: v for k, v in model.state_dict().items() if k not in adapters})
+    assert load_molora(fresh, path) == sorted(n.rsplit(".", 1)[0] for n in adapters if n.endswith("lora_A"))
+    layer = fresh.layers[1].v_proj
+    assert isinstance(layer, MoLoRA) and (layer.top_k, layer.temperature, layer.alpha) == (2, 0.5, 4.0)
+    torch.testing.assert_close(fresh(ids), expected, rtol=0, atol=0)
+    assert {n for n, p in fresh.named_parameters() if p.requires_grad} == set(adapters)
+    # loading again into the adapted model overwrites the adapters
+    with torch.no_grad():
+        fresh.layers[0].q_proj.lora_B.zero_()
+    load_molora(fresh, path)
+    torch.testing.assert_close(fresh(ids), expected, rtol=0, atol=0)
+
+    # unload: back to nn.Linear with the same base parameters; the model equals the base model
+    base_out = TinyModel()
+    base_out.load_state_dict(fresh.state_dict(), strict=False)
+    assert len(unload_molora(fresh)) == 4
+    assert all(not isinstance(m, MoLoRA) for m in fresh.modules())
+    assert isinstance(fresh.layers[0].q_proj, nn.Linear)
+    torch.testing.assert_close(fresh(ids), base_out(ids))
+
+
+def test_load_molora_bad_input(tmp_path):
+    from safetensors.torch import save_file
+
+    model = TinyModel()
+    with pytest.raises(ValueError, match="no MoLoRA"):
+        molora_state_dict(model)
+    inject_molora(model, "q_proj", num_experts=2, rank=2)
+    path = tmp_path / "a.safetensors"
+    save_molora(model, path)
+    other = TinyModel(d=6)  # other width
+    with pytest.raises(ValueError, match="lora_A"):
+        load_molora(other, path)
+    mismatched = TinyModel()
+    inject_molora(mismatched, "q_proj", num_experts=3, rank=2)
+    with pytest.raises(ValueError, match="num_experts"):
+        load_molora(mismatched, path)
+    plain = tmp_path / "plain.safetensors"
+    save_file({"x": torch.zeros(1)}, str(plain))
+    with pytest.raises(ValueError, match="metadata"):
+        load_molora(TinyModel(), plain)
+    shallow = nn.Sequential(nn.Linear(8, 8))
+    with pytest.raises(ValueError, match="no layer"):
+        load_molora(shallow, path)
+
+
+def test_hf_causal_lm_fine_tune_save_adapters_reload(tmp_path):
+    """Fine-tune a tiny HF causal LM with MoLoRA, save only the adapters, rebuild the base model from its own
+    checkpoint, load the adapters: same logits. The adapted model's save_pretrained loads in transformers."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("safetensors")
+    from conftest import train_causal_lm
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(13)
+    base = transformers.LlamaForCausalLM(config).eval()
+    base.save_pretrained(tmp_path / "base")
+    base_keys = set(base.state_dict())
+
+    model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base")
+    names = inject_molora(model, ["q_proj", "v_proj"], num_experts=4, rank=4, top_k=2)
+    assert len(names) == 4
+    ids = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(0))
+    losses = train_causal_lm(model, ids, steps=5, lr=1e-2)
+    assert losses[-1] < losses[0], losses
+    model.eval()
+    with torch.no_grad():
+        tuned = model(input_ids=ids).logits
+        assert not torch.allclose(tuned, base(input_ids=ids).logits)
+    assert base_keys <= set(model.state_dict())  # base names unchanged
+    save_molora(model, tmp_path / "adapters.safetensors")
+
+    rebuilt = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base").eval()
+    load_molora(rebuilt, tmp_path / "adapters.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(input_ids=ids).logits, tuned, rtol=0, atol=0)
+
+    # the whole adapted model saves a checkpoint transformers loads as the base model (adapter keys unused)
+    model.save_pretrained(tmp_path / "full")
+    plain = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "full").eval()
+    for k, v in base.state_dict().items():
+        torch.testing.assert_close(plain.state_dict()[k], v, rtol=0, atol=0)

@@ -4,7 +4,9 @@
 // grad_x. Other float32 experts on a CPU with AVX-512 run torchmoe's own GEMM (sgemm.h). Both give results
 // that do not depend on how a product is cut, so their blocks are sized to the thread count; the rest run one
 // BLAS call (at::mm_out) per fixed-size block, so every output element comes from the same call whatever
-// the thread count. counts is read on the host (it already lives there on CPU).
+// the thread count. A weight whose matrix dims have one unit stride (a transposed view such as Hugging Face's
+// [E, d_out, d_in] parameters read as [E, d_in, d_out], or a slice of its columns) is read in place. counts is
+// read on the host (it already lives there on CPU).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -49,6 +51,12 @@ std::vector<int64_t> expert_offsets(const at::Tensor& counts, int64_t num_rows, 
   TORCHMOE_CHECK_ARG(offsets[num_experts] == num_rows, op, "counts", "must sum to x.size(0) = ", num_rows,
                      ", got ", offsets[num_experts]);
   return offsets;
+}
+
+// weight[e] is read in place when one of its two matrix dims has unit stride; any other layout is made
+// contiguous.
+at::Tensor matrix_strided(const at::Tensor& weight) {
+  return weight.stride(2) == 1 || weight.stride(1) == 1 ? weight : weight.contiguous();
 }
 
 bool skinny_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
@@ -129,26 +137,41 @@ std::vector<SkinnyBlock> skinny_blocks(const std::vector<int64_t>& offsets, int6
   return blocks;
 }
 
+// out rows of e = x rows of e @ weight[e], columns [b.begin, b.end) of out. A row-major weight[e] (unit column
+// stride) is w of skinny_mm; a transposed one (unit row stride) is the stored [d_out, d_in] matrix, w^T of
+// skinny_mm_transposed.
 template <typename T>
 void skinny_forward_block(const SkinnyBlock& b, const at::Tensor& x, const at::Tensor& weight,
                           const std::vector<int64_t>& offsets, at::Tensor& out) {
   const int64_t d_in = weight.size(1), d_out = weight.size(2);
   const int64_t row0 = offsets[b.expert];
-  cpu::skinny_mm<T>(offsets[b.expert + 1] - row0, d_in, b.begin, b.end, x.const_data_ptr<T>() + row0 * d_in, d_in,
-                    weight.const_data_ptr<T>() + b.expert * d_in * d_out, d_out,
-                    out.mutable_data_ptr<T>() + row0 * d_out, d_out);
+  const int64_t rows = offsets[b.expert + 1] - row0;
+  const T* x_e = x.const_data_ptr<T>() + row0 * d_in;
+  const T* w_e = weight.const_data_ptr<T>() + b.expert * weight.stride(0);
+  T* out_e = out.mutable_data_ptr<T>() + row0 * d_out;
+  if (weight.stride(2) == 1) {
+    cpu::skinny_mm<T>(rows, d_in, b.begin, b.end, x_e, d_in, w_e, weight.stride(1), out_e, d_out);
+  } else {
+    cpu::skinny_mm_transposed<T>(rows, d_in, b.begin, b.end, x_e, d_in, w_e, weight.stride(2), out_e, d_out);
+  }
 }
 
-// grad_x rows of e = grad_output rows of e @ weight[e]^T, columns [b.begin, b.end) of grad_x.
+// grad_x rows of e = grad_output rows of e @ weight[e]^T, columns [b.begin, b.end) of grad_x (the two layouts
+// as in skinny_forward_block, kernels swapped).
 template <typename T>
 void skinny_grad_x_block(const SkinnyBlock& b, const at::Tensor& grad_output, const at::Tensor& weight,
                          const std::vector<int64_t>& offsets, at::Tensor& grad_x) {
   const int64_t d_in = weight.size(1), d_out = weight.size(2);
   const int64_t row0 = offsets[b.expert];
-  cpu::skinny_mm_transposed<T>(offsets[b.expert + 1] - row0, d_out, b.begin, b.end,
-                               grad_output.const_data_ptr<T>() + row0 * d_out, d_out,
-                               weight.const_data_ptr<T>() + b.expert * d_in * d_out, d_out,
-                               grad_x.mutable_data_ptr<T>() + row0 * d_in, d_in);
+  const int64_t rows = offsets[b.expert + 1] - row0;
+  const T* g_e = grad_output.const_data_ptr<T>() + row0 * d_out;
+  const T* w_e = weight.const_data_ptr<T>() + b.expert * weight.stride(0);
+  T* gx_e = grad_x.mutable_data_ptr<T>() + row0 * d_in;
+  if (weight.stride(2) == 1) {
+    cpu::skinny_mm_transposed<T>(rows, d_out, b.begin, b.end, g_e, d_out, w_e, weight.stride(1), gx_e, d_in);
+  } else {
+    cpu::skinny_mm<T>(rows, d_out, b.begin, b.end, g_e, d_out, w_e, weight.stride(2), gx_e, d_in);
+  }
 }
 
 // fn<T>() for the tensor's skinny dtype.
@@ -223,11 +246,12 @@ template <typename Skinny>
 void grouped_mm_fast(const at::Tensor& x, const at::Tensor& weight, const std::vector<int64_t>& offsets,
                      at::Tensor& out, int64_t num_skinny, const Skinny& skinny) {
   const int64_t d_in = weight.size(1), d_out = weight.size(2);
+  const int64_t w_es = weight.stride(0), w_rs = weight.stride(1), w_cs = weight.stride(2);
   std::vector<ExpertGemm> gemms;
   for (size_t e = 0; e + 1 < offsets.size(); ++e) {
     if (is_skinny(offsets, e, true)) continue;
     gemms.push_back({offsets[e + 1] - offsets[e], d_out, d_in, x.const_data_ptr<float>() + offsets[e] * d_in, d_in, 1,
-                     weight.const_data_ptr<float>() + static_cast<int64_t>(e) * d_in * d_out, d_out, 1,
+                     weight.const_data_ptr<float>() + static_cast<int64_t>(e) * w_es, w_rs, w_cs,
                      out.mutable_data_ptr<float>() + offsets[e] * d_out, d_out});
   }
   run_gemms(gemms, num_skinny, skinny);
@@ -244,12 +268,13 @@ void grouped_mm_backward_fast(const at::Tensor& grad_output, const at::Tensor& x
   const float* g = grad_output.const_data_ptr<float>();
   const float* xs = x.const_data_ptr<float>();
   const float* w = weight.const_data_ptr<float>();
+  const int64_t w_es = weight.stride(0), w_rs = weight.stride(1), w_cs = weight.stride(2);
   std::vector<ExpertGemm> gemms;
   for (size_t e = 0; e + 1 < offsets.size(); ++e) {
     const int64_t rows = offsets[e + 1] - offsets[e];
-    const float* w_e = w + static_cast<int64_t>(e) * d_in * d_out;
+    const float* w_e = w + static_cast<int64_t>(e) * w_es;
     if (!is_skinny(offsets, e, true)) {
-      gemms.push_back({rows, d_in, d_out, g + offsets[e] * d_out, d_out, 1, w_e, 1, d_out,
+      gemms.push_back({rows, d_in, d_out, g + offsets[e] * d_out, d_out, 1, w_e, w_cs, w_rs,
                        grad_x.mutable_data_ptr<float>() + offsets[e] * d_in, d_in});
     }
     gemms.push_back({d_in, d_out, rows, xs + offsets[e] * d_in, 1, d_in, g + offsets[e] * d_out, d_out, 1,
@@ -261,7 +286,7 @@ void grouped_mm_backward_fast(const at::Tensor& grad_output, const at::Tensor& x
 at::Tensor grouped_mm_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& counts) {
   checks::check_grouped_mm_args(x_in, weight_in, counts);
   const auto x = x_in.contiguous();
-  const auto weight = weight_in.contiguous();
+  const auto weight = matrix_strided(weight_in);
   const int64_t n = x.size(0);
   const auto offsets = expert_offsets(counts, n, "grouped_mm");
   auto out = cpu::empty_output({n, weight.size(2)}, x.options());
@@ -291,13 +316,14 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cpu(const at::Tensor& gra
   checks::check_grouped_mm_backward_args(grad_output_in, x_in, weight_in, counts);
   const auto grad_output = grad_output_in.contiguous();
   const auto x = x_in.contiguous();
-  const auto weight = weight_in.contiguous();
+  const auto weight = matrix_strided(weight_in);
   const int64_t n = x.size(0);
   const int64_t num_experts = weight.size(0);
   const int64_t d_in = weight.size(1);
   const auto offsets = expert_offsets(counts, n, "_grouped_mm_backward");
 
   auto grad_x = cpu::empty_output(x.sizes(), x.options());
+  // Contiguous whatever weight's layout, as the Meta kernel says.
   auto grad_weight = cpu::empty_output(weight.sizes(), weight.options());
   const bool skinny_ok = skinny_dtype(x.scalar_type());
   const auto skinny = skinny_blocks(offsets, d_in, skinny_ok);

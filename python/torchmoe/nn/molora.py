@@ -1,6 +1,8 @@
-"""Mixture of LoRA experts around a frozen linear layer (seed 000), and a helper that injects it."""
+"""Mixture of LoRA experts around a frozen linear layer (seed 000), a helper that injects it into a model, and
+adapter-only save / load (safetensors), the PEFT way."""
+import json
 import math
-from typing import List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -16,11 +18,21 @@ class MoLoRA(nn.Module):
         y = \mathrm{base}(x) + \sum_{i=1}^{N} g_i(x)\, \frac{\alpha}{r}\, (x A_i) B_i,\qquad
         g(x) = \mathrm{softmax}\!\left(\frac{x\, e^\top}{\tau}\right)
 
-    with ``A_i [in, r]``, ``B_i [r, out]`` and one trainable embedding ``e_i [in]`` per expert (the seed's
+    with ``base(x) = x W^T + b`` the frozen linear, ``A_i [in, r]``, ``B_i [r, out]`` and one trainable
+    embedding ``e_i [in]`` per expert (the seed's
     gate ``softmax(h . e_i)``). With ``top_k`` set, only the ``top_k`` largest gates are kept and
     renormalised (a softmax over the selected logits). The experts are evaluated as two GEMMs over their
     concatenation, ``x @ [A_1 .. A_N]`` (``[in, N*r]``), each ``r``-block scaled by its gate, then
     ``@ [B_1; ..; B_N]`` (``[N*r, out]``), never a loop over experts.
+
+    The base layer's parameters are held under their own names, ``weight`` and ``bias`` (the very
+    ``nn.Parameter`` objects of ``base``, not copies), so a model with MoLoRA injected keeps its checkpoint's
+    parameter names (``q_proj.weight`` stays ``q_proj.weight``): its ``state_dict`` is the base model's plus the
+    adapters' ``lora_A``, ``lora_B`` and ``expert_embed``.
+
+    A gated mixture cannot be merged into the base weight: the update ``sum_i g_i(x) (alpha/r) B_i A_i`` depends
+    on the input through the gates ``g(x)``, so no fixed matrix equals it (unlike plain LoRA's ``W + BA``). Keep
+    the adapter at inference, or :func:`unload_molora` to drop it.
 
     Args:
         base: the ``nn.Linear`` to adapt; its parameters are frozen (``requires_grad=False``).
@@ -57,8 +69,12 @@ class MoLoRA(nn.Module):
             raise ValueError(f"MoLoRA: top_k must be in [1, num_experts={num_experts}], got {top_k}")
         if not temperature > 0:
             raise ValueError(f"MoLoRA: temperature must be positive, got {temperature}")
-        self.base = base
-        for p in self.base.parameters():
+        self.weight = base.weight
+        if base.bias is None:
+            self.register_parameter("bias", None)
+        else:
+            self.bias = base.bias
+        for p in base.parameters():
             p.requires_grad_(False)
         self.in_features = base.in_features
         self.out_features = base.out_features
@@ -100,7 +116,7 @@ class MoLoRA(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"MoLoRA: x must be [..., {self.in_features}], got {list(x.shape)}")
-        y = self.base(x)
+        y = F.linear(x, self.weight, self.bias)
         tokens = x.reshape(-1, self.in_features)
         n = tokens.shape[0]
         N, r = self.num_experts, self.rank
@@ -113,6 +129,19 @@ class MoLoRA(nn.Module):
         lead = list(x.shape[:-1])
         self.gates = gates.reshape(lead + [N])
         return y + delta.reshape(lead + [self.out_features]).to(y.dtype)
+
+    def to_linear(self) -> nn.Linear:
+        """The frozen base layer as an ``nn.Linear`` holding the same parameters (no copy)."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device="meta", dtype=self.weight.dtype)
+        linear.weight = self.weight
+        linear.bias = self.bias
+        return linear
+
+    def molora_config(self) -> Dict[str, Optional[float]]:
+        """The arguments that rebuild this adapter around a base layer (saved by :func:`save_molora`)."""
+        return {"num_experts": self.num_experts, "rank": self.rank, "alpha": self.alpha, "top_k": self.top_k,
+                "temperature": self.temperature}
 
     def extra_repr(self) -> str:
         return (
@@ -147,7 +176,9 @@ def inject_molora(
         num_experts, rank, alpha, top_k, temperature: passed to every :class:`MoLoRA`.
 
     Afterwards every parameter of ``model`` is frozen except the adapters' ``lora_A``, ``lora_B`` and
-    ``expert_embed``. Linear layers already inside a MoLoRA (its ``base``) are left alone.
+    ``expert_embed``. Layers already adapted (a :class:`MoLoRA` is not an ``nn.Linear``) are left alone. The
+    adapted layers keep their parameter names (``q_proj.weight``), so the model still loads and saves the
+    base checkpoint.
 
     Returns:
         The qualified names of the replaced layers, in ``named_modules`` order.
@@ -157,11 +188,8 @@ def inject_molora(
     """
     targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
     chosen: List[str] = []
-    inside_molora: List[str] = []
     for name, module in model.named_modules():
-        if isinstance(module, MoLoRA):
-            inside_molora.append(name + ".base" if name else "base")
-        elif isinstance(module, nn.Linear) and name not in inside_molora and _matches(name, targets):
+        if isinstance(module, nn.Linear) and _matches(name, targets):
             chosen.append(name)
     if not chosen:
         raise ValueError(f"inject_molora: no nn.Linear in the model matches target_modules={targets}")
@@ -179,3 +207,106 @@ def inject_molora(
             for p in (module.lora_A, module.lora_B, module.expert_embed):
                 p.requires_grad_(True)
     return chosen
+
+
+_ADAPTER_PARAMETERS = ("lora_A", "lora_B", "expert_embed")
+_METADATA_KEY = "torchmoe.molora"
+
+
+def _molora_modules(model: nn.Module) -> Dict[str, MoLoRA]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, MoLoRA)}
+
+
+def molora_state_dict(model: nn.Module) -> Dict[str, Tensor]:
+    """The adapter weights alone: ``{"<layer>.lora_A": ..., "<layer>.lora_B": ..., "<layer>.expert_embed": ...}``
+    for every :class:`MoLoRA` in ``model`` (names as in ``model.state_dict()``; the base weights are not
+    included). Raises ``ValueError`` when the model holds no MoLoRA."""
+    layers = _molora_modules(model)
+    if not layers:
+        raise ValueError("molora_state_dict: the model holds no MoLoRA layer (inject_molora first)")
+    out: Dict[str, Tensor] = {}
+    for name, m in layers.items():
+        prefix = f"{name}." if name else ""
+        for p in _ADAPTER_PARAMETERS:
+            out[prefix + p] = getattr(m, p).detach()
+    return out
+
+
+def save_molora(model: nn.Module, path: str) -> None:
+    """Saves the adapters of ``model`` (:func:`molora_state_dict`) to a safetensors file at ``path``, with each
+    layer's configuration (``num_experts``, ``rank``, ``alpha``, ``top_k``, ``temperature``) in its metadata,
+    so :func:`load_molora` can rebuild them around a fresh base model. Needs the ``safetensors`` package."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.contiguous().cpu() for k, v in molora_state_dict(model).items()}
+    config = {name: m.molora_config() for name, m in _molora_modules(model).items()}
+    save_file(tensors, str(path), metadata={_METADATA_KEY: json.dumps(config, sort_keys=True)})
+
+
+def load_molora(model: nn.Module, path: str) -> List[str]:
+    """Loads adapters saved by :func:`save_molora` into ``model`` (in place) and returns the adapted layers' names.
+
+    Layers of ``model`` that are plain ``nn.Linear`` get a :class:`MoLoRA` with the saved configuration first
+    (as :func:`inject_molora` would, freezing everything but the adapters); layers that already are MoLoRA must
+    have the saved configuration. The adapter tensors are copied in with the model's device and dtype. Raises
+    ``ValueError`` if a saved layer is missing from the model, has another shape or configuration, or the file
+    holds no torchmoe MoLoRA metadata."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+        if _METADATA_KEY not in metadata:
+            raise ValueError(f"load_molora: {path} holds no torchmoe MoLoRA adapters (metadata key "
+                             f"'{_METADATA_KEY}' missing)")
+        config = json.loads(metadata[_METADATA_KEY])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+
+    injected = False
+    for name, cfg in config.items():
+        try:
+            module = model.get_submodule(name) if name else model
+        except AttributeError:
+            raise ValueError(f"load_molora: the model has no layer '{name}' saved in {path}") from None
+        if isinstance(module, MoLoRA):
+            if module.molora_config() != cfg:
+                raise ValueError(f"load_molora: layer '{name}' is a MoLoRA with {module.molora_config()}, the file "
+                                 f"has {cfg}")
+            continue
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"load_molora: layer '{name}' is a {type(module).__name__}, not an nn.Linear")
+        adapter = MoLoRA(module, cfg["num_experts"], cfg["rank"], alpha=cfg["alpha"], top_k=cfg["top_k"],
+                         temperature=cfg["temperature"])
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, adapter)
+        injected = True
+    if injected:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for m in _molora_modules(model).values():
+            for p in _ADAPTER_PARAMETERS:
+                getattr(m, p).requires_grad_(True)
+
+    with torch.no_grad():
+        for name in config:
+            module = model.get_submodule(name) if name else model
+            prefix = f"{name}." if name else ""
+            for p in _ADAPTER_PARAMETERS:
+                target = getattr(module, p)
+                value = tensors.get(prefix + p)
+                if value is None or value.shape != target.shape:
+                    raise ValueError(
+                        f"load_molora: '{prefix + p}' in {path} is "
+                        f"{'missing' if value is None else list(value.shape)}, the model needs {list(target.shape)}")
+                target.copy_(value)
+    return list(config)
+
+
+def unload_molora(model: nn.Module) -> List[str]:
+    """Replaces every :class:`MoLoRA` of ``model`` by its base ``nn.Linear`` (same parameters, in place; the
+    adapters are dropped, not merged: a gated mixture has no merged form). Returns the layers' names."""
+    names = list(_molora_modules(model))
+    for name in names:
+        module = model.get_submodule(name)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, module.to_linear())
+    return names
