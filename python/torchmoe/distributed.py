@@ -285,7 +285,7 @@ class ExpertParallelMoE(MoE):
         return self._forward_packed(x, problem)
 
     def _finish(self, x: Tensor, y: Tensor, logits: Tensor, indices: Tensor, counts: Tensor, dropped: Tensor) -> Tensor:
-        self.aux_loss = self._aux_losses(logits, indices)
+        self.aux_loss = self._aux_losses(logits, indices, counts)
         self.expert_counts = counts
         self.dropped_tokens = dropped
         return y.view(x.shape)
