@@ -499,3 +499,20 @@ def test_strided_weight_views_do_not_depend_on_thread_count():
         grad = torch.randn(x.shape[0], 200).to(dtype)
         for view in strided_weight_views(96, 200, 8, dtype, g).values():
             assert_same_on_thread_counts(x, view.requires_grad_(True), c, grad, (1, 2, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_transposed_weight_view_gradient_layout(dtype):
+    # The gradient of a transposed weight view comes back in the parameter's own layout (no strided copy into
+    # param.grad), and the Meta kernel declares the same strides as the CPU kernel (opcheck compares them).
+    x, _, c = make([3, 0, 40, 9], 24, 20, dtype=dtype)
+    param = torch.randn(4, 20, 24, dtype=torch.float64).to(dtype).requires_grad_(True)  # [E, d_out, d_in]
+    grad = torch.randn(x.shape[0], 20, dtype=torch.float64).to(dtype)
+    _, gw = torch.ops.torchmoe._grouped_mm_backward(grad, x, param.detach().transpose(1, 2), c)
+    assert gw.shape == (4, 24, 20) and gw.transpose(1, 2).is_contiguous()
+    torch.library.opcheck(torch.ops.torchmoe._grouped_mm_backward, (grad, x, param.detach().transpose(1, 2), c))
+    torch.library.opcheck(torch.ops.torchmoe.grouped_mm, (x, param.transpose(1, 2), c))
+    torchmoe.grouped_mm(x, param.transpose(1, 2), c).backward(grad)
+    assert param.grad.is_contiguous()
+    want = reference.grouped_mm(x.double(), param.detach().double().transpose(1, 2), c)
+    torch.testing.assert_close(torchmoe.grouped_mm(x, param.transpose(1, 2), c).double(), want, **TOL[dtype])

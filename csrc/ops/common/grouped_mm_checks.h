@@ -42,4 +42,20 @@ inline void check_grouped_mm_backward_args(const at::Tensor& grad_output, const 
   check_same_device(x, grad_output, op, "x", "grad_output");
 }
 
+// A weight read as a transposed view (unit stride along d_in: Hugging Face's [E, d_out, d_in] parameters through
+// .transpose(1, 2)) gets its gradient in that same layout, so autograd hands it to the parameter without a strided
+// copy. The CPU, CUDA and Meta kernels all decide the layout here.
+inline bool grad_weight_transposed(const at::Tensor& weight) {
+  return weight.sym_size(1) > 1 && weight.sym_size(2) > 1 && weight.sym_stride(1) == 1 && weight.sym_stride(2) != 1;
+}
+
+// An uninitialised grad_weight in the layout grad_weight_transposed picks.
+inline at::Tensor empty_grad_weight(const at::Tensor& weight) {
+  if (grad_weight_transposed(weight)) {
+    return at::empty_symint({weight.sym_size(0), weight.sym_size(2), weight.sym_size(1)}, weight.options())
+        .transpose(1, 2);
+  }
+  return at::empty_symint(weight.sym_sizes(), weight.options());
+}
+
 }  // namespace torchmoe::checks

@@ -268,6 +268,7 @@ void grouped_mm_backward_fast(const at::Tensor& grad_output, const at::Tensor& x
   const float* g = grad_output.const_data_ptr<float>();
   const float* xs = x.const_data_ptr<float>();
   const float* w = weight.const_data_ptr<float>();
+  const bool transposed = checks::grad_weight_transposed(weight);
   const int64_t w_es = weight.stride(0), w_rs = weight.stride(1), w_cs = weight.stride(2);
   std::vector<ExpertGemm> gemms;
   for (size_t e = 0; e + 1 < offsets.size(); ++e) {
@@ -277,8 +278,13 @@ void grouped_mm_backward_fast(const at::Tensor& grad_output, const at::Tensor& x
       gemms.push_back({rows, d_in, d_out, g + offsets[e] * d_out, d_out, 1, w_e, w_cs, w_rs,
                        grad_x.mutable_data_ptr<float>() + offsets[e] * d_in, d_in});
     }
-    gemms.push_back({d_in, d_out, rows, xs + offsets[e] * d_in, 1, d_in, g + offsets[e] * d_out, d_out, 1,
-                     grad_weight.mutable_data_ptr<float>() + static_cast<int64_t>(e) * d_in * d_out, d_out});
+    // grad_weight[e] = x_e^T @ g_e, or (a transposed grad_weight, stored [E, d_out, d_in]) g_e^T @ x_e.
+    float* gw_e = grad_weight.mutable_data_ptr<float>() + static_cast<int64_t>(e) * d_in * d_out;
+    if (transposed) {
+      gemms.push_back({d_out, d_in, rows, g + offsets[e] * d_out, 1, d_out, xs + offsets[e] * d_in, d_in, 1, gw_e, d_in});
+    } else {
+      gemms.push_back({d_in, d_out, rows, xs + offsets[e] * d_in, 1, d_in, g + offsets[e] * d_out, d_out, 1, gw_e, d_out});
+    }
   }
   run_gemms(gemms, num_skinny, skinny);
 }
@@ -323,8 +329,10 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cpu(const at::Tensor& gra
   const auto offsets = expert_offsets(counts, n, "_grouped_mm_backward");
 
   auto grad_x = cpu::empty_output(x.sizes(), x.options());
-  // Contiguous whatever weight's layout, as the Meta kernel says.
-  auto grad_weight = cpu::empty_output(weight.sizes(), weight.options());
+  // In the layout the Meta kernel declares: contiguous, or that of a transposed weight view.
+  auto grad_weight = checks::grad_weight_transposed(weight)
+      ? cpu::empty_output({num_experts, weight.size(2), d_in}, weight.options()).transpose(1, 2)
+      : cpu::empty_output(weight.sizes(), weight.options());
   const bool skinny_ok = skinny_dtype(x.scalar_type());
   const auto skinny = skinny_blocks(offsets, d_in, skinny_ok);
   auto run_skinny = [&](int64_t i) {

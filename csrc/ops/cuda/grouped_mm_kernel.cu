@@ -254,8 +254,11 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cuda(const at::Tensor& gr
   const int64_t N = x.size(0), E = weight.size(0), d_in = weight.size(1), d_out = weight.size(2);
   const bool fast = use_torch_grouped_mm(x, weight);
   const Prefix p = group_prefix(counts, N, fast, stream);
+  // grad_weight in the layout the Meta kernel declares (checks::grad_weight_transposed).
+  const bool transposed = checks::grad_weight_transposed(weight_in);
+  auto in_layout = [&](const at::Tensor& gw) { return transposed ? gw.transpose(1, 2).contiguous().transpose(1, 2) : gw; };
   if (N == 0 || d_in == 0 || d_out == 0) {
-    return {at::zeros({N, d_in}, x.options()), at::zeros({E, d_in, d_out}, weight.options())};
+    return {at::zeros({N, d_in}, x.options()), in_layout(at::zeros({E, d_in, d_out}, weight.options()))};
   }
   if (fast) {
     at::Tensor gx = at::_grouped_mm(grad, weight.transpose(-2, -1), p.offs32);
@@ -267,7 +270,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cuda(const at::Tensor& gr
                                                                     gw.mutable_data_ptr<scalar_t>(), per);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-    return {gx, gw};
+    return {gx, in_layout(gw)};
   }
   at::Tensor gx = at::empty({N, d_in}, x.options());
   at::Tensor gw = at::empty({E, d_in, d_out}, weight.options());
@@ -295,7 +298,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cuda(const at::Tensor& gr
     grouped_gemm_kernel<scalar_t><<<grid, kGemmThreads, 0, stream>>>(g);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {gx, gw};
+  return {gx, in_layout(gw)};
 }
 
 }  // namespace

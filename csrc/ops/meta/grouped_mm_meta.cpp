@@ -15,7 +15,7 @@ at::Tensor grouped_mm_meta(const at::Tensor& x, const at::Tensor& weight, const 
 std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_meta(const at::Tensor& grad_output, const at::Tensor& x,
                                                             const at::Tensor& weight, const at::Tensor& counts) {
   checks::check_grouped_mm_backward_args(grad_output, x, weight, counts);
-  return {at::empty_symint(x.sym_sizes(), x.options()), at::empty_symint(weight.sym_sizes(), weight.options())};
+  return {at::empty_symint(x.sym_sizes(), x.options()), checks::empty_grad_weight(weight)};
 }
 
 }  // namespace
