@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import torchmoe
+from torchmoe.bench import cpu_model
 from torchmoe.nn import MoE
 
 from bench_moe import median_times  # noqa: E402  (benchmarks/ is the script's folder)
@@ -72,17 +73,6 @@ class RoundRobin:
         layer = self.layers[self.i]
         self.i = (self.i + 1) % len(self.layers)
         return self.fn(layer, x)
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def cpu_flags() -> str:

@@ -28,18 +28,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from torchmoe.bench import cpu_model
+
 MODES = {"dropless": (None, False), "capacity 1.25": (1.25, False), "padded 1.25": (1.25, True)}
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def _count_bytes(fn, rank):

@@ -18,7 +18,6 @@ step (forward, backward, AdamW) of a whole tiny Qwen3-MoE causal LM with each ba
 import argparse
 import copy
 import os
-import platform
 import statistics
 import time
 import warnings
@@ -26,23 +25,13 @@ import warnings
 import torch
 
 import torchmoe
+from torchmoe.bench import cpu_model
 from torchmoe.integrations import transformers as tm_hf
 from transformers import MixtralConfig, Qwen3MoeConfig, Qwen3MoeForCausalLM
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
 BACKENDS = ("eager", "grouped_mm", "torchmoe")
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def median_seconds(fns: dict, reps: int, warmup: int = 1) -> dict:

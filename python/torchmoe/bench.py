@@ -18,6 +18,7 @@ the same rate.
 """
 import argparse
 import math
+import platform
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -31,6 +32,18 @@ from torchmoe import reference
 
 
 # ---------------------------------------------------------------- timing
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo), for the header of every benchmark table."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
