@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import ops
-from .nn.moe import _ACTIVATIONS, MoE
+from .nn.moe import _ACTIVATIONS, MoE, pack_kept_rows
 
 __all__ = ["all_to_all", "ExpertParallelMoE", "shard_experts", "expert_parameters", "allreduce_gradients"]
 
@@ -118,16 +118,6 @@ def all_to_all(x: Tensor, output_splits: Sequence[int], input_splits: Sequence[i
                              f"{output_splits} and {input_splits}")
         return x
     return _AllToAll.apply(x, output_splits, input_splits, group)
-
-
-def _pack_kept(dest: Tensor, counts: Tensor, capacity: int) -> Tuple[Tensor, Tensor]:
-    """Capacity plan ``dest = e * capacity + pos`` -> kept rows packed expert after expert; returns
-    (rows kept per expert, dest into the packed rows)."""
-    kept = counts.clamp(max=capacity)
-    if capacity == 0:
-        return kept, dest
-    starts = torch.cumsum(kept, 0) - kept
-    return kept, torch.where(dest >= 0, starts[dest.clamp(min=0) // capacity] + dest % capacity, dest)
 
 
 class ExpertParallelMoE(MoE):
@@ -306,7 +296,7 @@ class ExpertParallelMoE(MoE):
                     cap = ops.capacity(h.shape[0], E, self.k, self.capacity_factor, self.min_capacity)
                     dest, counts = ops.route_plan(indices, E, cap)
                     dropped = (dest < 0).sum()
-                    send_counts, dest = _pack_kept(dest, counts, cap)
+                    send_counts, dest = pack_kept_rows(dest, counts, cap)
             except Exception as e:  # raised after the count exchange, on every rank, not left to hang the others
                 error, problem = e, f"routing failed: {type(e).__name__}: {e}"
         if problem:

@@ -15,6 +15,16 @@ __all__ = ["MoE", "SwitchMoE"]
 _ACTIVATIONS = ("swiglu", "relu", "gelu")
 
 
+def pack_kept_rows(dest: Tensor, counts: Tensor, capacity: int) -> Tuple[Tensor, Tensor]:
+    """A capacity plan's ``dest = e * capacity + pos`` -> the kept rows packed expert after expert
+    (``start(e) + pos``); returns (rows kept per expert, dest into the packed rows)."""
+    kept = counts.clamp(max=capacity)
+    if capacity == 0:
+        return kept, dest
+    starts = torch.cumsum(kept, 0) - kept
+    return kept, torch.where(dest >= 0, starts[dest.clamp(min=0) // capacity] + dest % capacity, dest)
+
+
 class MoE(nn.Module):
     """Sparse Mixture-of-Experts feed-forward layer.
 
@@ -223,10 +233,8 @@ class MoE(nn.Module):
             cap, dest, counts = self._capacity_plan(indices, num_tokens, capacity_factor)
             dropped = (dest < 0).sum()
             if self._skip_padding(x) and cap > 0:
-                # Only the kept rows, packed expert after expert: dest e * cap + pos -> start(e) + pos.
-                kept = counts.clamp(max=cap)
-                starts = torch.cumsum(kept, 0) - kept
-                dest = torch.where(dest >= 0, starts[dest.clamp(min=0) // cap] + dest % cap, dest)
+                # Only the kept rows, packed expert after expert.
+                kept, dest = pack_kept_rows(dest, counts, cap)
                 rows = ops.dispatch(h, dest, int(kept.sum()))
                 out = self._experts_grouped(rows, kept)
             else:
