@@ -246,9 +246,9 @@ print("ok")
 
 
 def test_skinny_only_calls_from_many_threads_and_forked_children():
-    # A call whose experts are all skinny runs on torchmoe's task pool (helpers that a busy machine may wake
-    # late): concurrent callers share it, and a forked child (which has none of the parent's helpers) starts
-    # its own.
+    # Calls whose experts are all skinny (each thread's kernels keep thread-local buffers) from concurrent
+    # Python threads, and from a forked child of a process that already ran them. The child runs one thread,
+    # as DataLoader workers do: libgomp's team does not survive fork, so any parallel torch op hangs there.
     code = """
 import os, threading, torch, torchmoe
 from torchmoe import reference
@@ -270,6 +270,7 @@ for t in threads:
 assert results == [True] * 4, results
 pid = os.fork()
 if pid == 0:
+    torch.set_num_threads(1)
     os._exit(0 if good() else 1)
 assert os.waitpid(pid, 0)[1] == 0 and good()
 print("ok")

@@ -24,25 +24,30 @@ namespace {
 
 constexpr int kMaxGroupRows = 8;
 
+
 float to_float(float v) { return v; }
 float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
 float to_float(c10::Half v) { return static_cast<float>(v); }
 
-// float32 copy of a [rows, k] operand (the operand itself when it is float32).
+// float32 copy of a [rows, k] operand (the operand itself when it is float32, unless `padded`). A padded copy's
+// row stride is k + 16 floats: rows a multiple of 4 KiB apart would share L1 sets with one another and with the
+// weight rows streamed next to them.
 template <typename T>
-const float* as_float(const T* src, int64_t rows, int64_t k, int64_t ld, int64_t& ld_out) {
+const float* as_float(const T* src, int64_t rows, int64_t k, int64_t ld, int64_t& ld_out, bool padded = false) {
   if constexpr (std::is_same_v<T, float>) {
-    ld_out = ld;
-    return src;
-  } else {
-    thread_local std::vector<float> buffer;
-    buffer.resize(static_cast<size_t>(rows * k));
-    for (int64_t r = 0; r < rows; ++r) {
-      for (int64_t p = 0; p < k; ++p) buffer[r * k + p] = to_float(src[r * ld + p]);
+    if (!padded || rows == 1) {
+      ld_out = ld;
+      return src;
     }
-    ld_out = k;
-    return buffer.data();
   }
+  const int64_t stride = padded ? k + 16 : k;
+  thread_local std::vector<float> buffer;
+  buffer.resize(static_cast<size_t>(rows * stride));
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t p = 0; p < k; ++p) buffer[r * stride + p] = to_float(src[r * ld + p]);
+  }
+  ld_out = stride;
+  return buffer.data();
 }
 
 // ---------------------------------------------------------------- portable
@@ -103,26 +108,33 @@ template <int RB>
 // Vectors per strip row: RB * kVectors <= 16 accumulators, the widest strip that leaves registers for w.
 constexpr int kVectors = RB == 1 ? 16 : RB == 2 ? 8 : RB <= 4 ? 4 : 2;
 
-// acc (RB rows x 16 * kVectors<RB> floats, row stride 16 * kVectors) = x[0:RB, :] @ w[:, 0:cols]; Full: cols is
-// the whole strip (no masks to keep, which would not fit the mask registers).
+// Rows of w per k-block. A strip walks the block's rows, then the next strip the same rows: the block's rows
+// are a few sequential streams the hardware prefetcher follows (one strip down all of k would touch a new page
+// per row and defeat it when the strips are narrow).
+constexpr int64_t kBlockRows = 16;
+
+// acc[r, 0:cols] (row stride ld_acc) += x[r, 0:kb] @ w[0:kb, 0:cols] for r < RB (acc zero first when `first`);
+// Full: cols is the whole strip (no masks to keep, which would not fit the mask registers). Prefetches the
+// strip's lines of the next block's rows.
 template <typename T, int RB, bool Full>
-TORCHMOE_SKINNY_AVX512 void strip(int64_t k, const float* x, int64_t ldx, const T* w, int64_t ldw, int64_t cols,
-                                  float* acc_out) {
+TORCHMOE_SKINNY_AVX512 void strip(int64_t kb, const float* x, int64_t ldx, const T* w, int64_t ldw, int64_t cols,
+                                  float* acc_io, int64_t ld_acc, bool first) {
   constexpr int NV = kVectors<RB>;
   if constexpr (Full) cols = 16 * NV;
   constexpr int kLines = static_cast<int>((16 * NV * sizeof(T) + 63) / 64);
-  constexpr int64_t kPrefetchRows = std::max(4, 64 / kLines);  // about 4 KiB of w in flight
   __mmask16 masks[NV];
   for (int v = 0; v < NV; ++v) masks[v] = lane_mask(cols - 16 * v);
   __m512 acc[RB][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < RB; ++r) {
 #pragma GCC unroll 16
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+    for (int v = 0; v < NV; ++v) {
+      acc[r][v] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(masks[v], acc_io + r * ld_acc + 16 * v);
+    }
   }
-  for (int64_t p = 0; p < k; ++p) {
+  for (int64_t p = 0; p < kb; ++p) {
     const T* wr = w + p * ldw;
-    const char* ahead = reinterpret_cast<const char*>(wr + kPrefetchRows * ldw);  // prefetches never fault
+    const char* ahead = reinterpret_cast<const char*>(wr + kBlockRows * ldw);  // prefetches never fault
 #pragma GCC unroll 16
     for (int l = 0; l < kLines; ++l) _mm_prefetch(ahead + 64 * l, _MM_HINT_T0);
     __m512 wv[NV];
@@ -138,24 +150,21 @@ TORCHMOE_SKINNY_AVX512 void strip(int64_t k, const float* x, int64_t ldx, const 
 #pragma GCC unroll 8
   for (int r = 0; r < RB; ++r) {
 #pragma GCC unroll 16
-    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(acc_out + r * 16 * NV + 16 * v, acc[r][v]);
+    for (int v = 0; v < NV; ++v) _mm512_mask_storeu_ps(acc_io + r * ld_acc + 16 * v, masks[v], acc[r][v]);
   }
 }
 
+// acc[0:RB, :] (row stride width) (+)= x[0:RB, 0:kb] @ w[0:kb, 0:width], strip after strip.
 template <typename T, int RB>
-void strips(int64_t k, int64_t j0, int64_t j1, const float* x, int64_t ldx, const T* w, int64_t ldw, T* out,
-            int64_t ldo) {
+void block_strips(int64_t kb, int64_t width, const float* x, int64_t ldx, const T* w, int64_t ldw, float* acc,
+                  bool first) {
   constexpr int64_t kWidth = 16 * kVectors<RB>;
-  float acc[RB * kWidth];
-  for (int64_t j = j0; j < j1; j += kWidth) {
-    const int64_t cols = std::min(kWidth, j1 - j);
+  for (int64_t j = 0; j < width; j += kWidth) {
+    const int64_t cols = std::min(kWidth, width - j);
     if (cols == kWidth) {
-      strip<T, RB, true>(k, x, ldx, w + j, ldw, cols, acc);
+      strip<T, RB, true>(kb, x, ldx, w + j, ldw, cols, acc + j, width, first);
     } else {
-      strip<T, RB, false>(k, x, ldx, w + j, ldw, cols, acc);
-    }
-    for (int r = 0; r < RB; ++r) {
-      for (int64_t c = 0; c < cols; ++c) out[r * ldo + j + c] = static_cast<T>(acc[r * kWidth + c]);
+      strip<T, RB, false>(kb, x, ldx, w + j, ldw, cols, acc + j, width, first);
     }
   }
 }
@@ -175,64 +184,109 @@ void with_group_rows(int rows, const Fn& fn) {
   }
 }
 
+// k-block after k-block, every group of rows (kMaxGroupRows at a time) takes the block while it is in cache; the
+// float32 sums of the column range wait in a thread-local buffer between blocks (each element still one sum
+// along p, in order).
 template <typename T>
 void skinny_mm_avx512(int64_t rows, int64_t k, int64_t j0, int64_t j1, const float* x, int64_t ldx, const T* w,
                       int64_t ldw, T* out, int64_t ldo) {
-  for (int64_t r0 = 0; r0 < rows; r0 += kMaxGroupRows) {
-    with_group_rows(static_cast<int>(std::min<int64_t>(kMaxGroupRows, rows - r0)), [&](auto rb) {
-      strips<T, decltype(rb)::value>(k, j0, j1, x + r0 * ldx, ldx, w, ldw, out + r0 * ldo, ldo);
-    });
-  }
-}
-
-// out[r, i], out[r, i + 1] (when two) = g[r, :] . w[i, :], g[r, :] . w[i + 1, :] for r < RB.
-template <typename T, int RB>
-TORCHMOE_SKINNY_AVX512 void dot_rows(int64_t k, const float* g, int64_t ldg, const T* w, int64_t ldw, bool two,
-                                     float* sums /* [2][RB] */) {
-  __m512 acc[2][RB];
-#pragma GCC unroll 8
-  for (int r = 0; r < RB; ++r) acc[0][r] = acc[1][r] = _mm512_setzero_ps();
-  const T* w0 = w;
-  const T* w1 = two ? w + ldw : w;
-  for (int64_t j = 0; j < k; j += 16) {
-    const __mmask16 m = lane_mask(k - j);
-    const __m512 a = load16(w0 + j, m);
-    const __m512 b = load16(w1 + j, m);
-#pragma GCC unroll 8
-    for (int r = 0; r < RB; ++r) {
-      const __m512 gv = _mm512_maskz_loadu_ps(m, g + r * ldg + j);
-      acc[0][r] = _mm512_fmadd_ps(gv, a, acc[0][r]);
-      acc[1][r] = _mm512_fmadd_ps(gv, b, acc[1][r]);
+  const int64_t width = j1 - j0;
+  thread_local std::vector<float> buffer;
+  buffer.resize(static_cast<size_t>(rows * width));
+  float* acc = buffer.data();
+  for (int64_t p0 = 0; p0 < k || p0 == 0; p0 += kBlockRows) {
+    const int64_t kb = std::min(kBlockRows, k - p0);
+    for (int64_t r0 = 0; r0 < rows; r0 += kMaxGroupRows) {
+      with_group_rows(static_cast<int>(std::min<int64_t>(kMaxGroupRows, rows - r0)), [&](auto rb) {
+        block_strips<T, decltype(rb)::value>(kb, width, x + r0 * ldx + p0, ldx, w + p0 * ldw + j0, ldw,
+                                             acc + r0 * width, p0 == 0);
+      });
     }
+    if (k == 0) break;
   }
-#pragma GCC unroll 8
-  for (int r = 0; r < RB; ++r) {
-    sums[r] = _mm512_reduce_add_ps(acc[0][r]);
-    sums[RB + r] = _mm512_reduce_add_ps(acc[1][r]);
-  }
-}
-
-template <typename T, int RB>
-void dot_row_pairs(int64_t k, int64_t i0, int64_t i1, const float* g, int64_t ldg, const T* w, int64_t ldw, T* out,
-                   int64_t ldo) {
-  float sums[2 * RB];
-  for (int64_t i = i0; i < i1; i += 2) {
-    const bool two = i + 1 < i1;
-    dot_rows<T, RB>(k, g, ldg, w + i * ldw, ldw, two, sums);
-    for (int r = 0; r < RB; ++r) {
-      out[r * ldo + i] = static_cast<T>(sums[r]);
-      if (two) out[r * ldo + i + 1] = static_cast<T>(sums[RB + r]);
-    }
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < width; ++c) out[r * ldo + j0 + c] = static_cast<T>(acc[r * width + c]);
   }
 }
 
+// Rows of w per group and reduction elements per piece in skinny_mm_transposed: a group's rows are read piece
+// by piece, row after row, so each thread keeps kDotGroupRows sequential streams going (the prefetcher's
+// concurrency, as kBlockRows does for skinny_mm) rather than one or two; every group of g rows takes a piece
+// while it is in cache.
+constexpr int64_t kDotGroupRows = 16;
 template <typename T>
-void skinny_mm_transposed_avx512(int64_t rows, int64_t k, int64_t i0, int64_t i1, const float* g, int64_t ldg,
-                                 const T* w, int64_t ldw, T* out, int64_t ldo) {
-  for (int64_t r0 = 0; r0 < rows; r0 += kMaxGroupRows) {
-    with_group_rows(static_cast<int>(std::min<int64_t>(kMaxGroupRows, rows - r0)), [&](auto rb) {
-      dot_row_pairs<T, decltype(rb)::value>(k, i0, i1, g + r0 * ldg, ldg, w, ldw, out + r0 * ldo, ldo);
-    });
+constexpr int64_t kDotPiece = 1024 / sizeof(T);  // 1 KiB of each row
+// g rows per pass over w (more rows pass over w again).
+constexpr int64_t kDotPanelRows = 2 * kMaxGroupRows;
+
+// For each pair q of the group's w rows (an odd last row paired with itself), the vector accumulators of
+// g[r, :] . w[2q | 2q + 1, :] (zero first when `first`) += g[r, j0:j1] * w[2q | 2q + 1, j0:j1] lane-wise, r < RB.
+template <typename T, int RB>
+TORCHMOE_SKINNY_AVX512 void dot_pieces(int64_t group, int64_t j0, int64_t j1, int64_t k, const float* g,
+                                       int64_t ldg, const T* w, int64_t ldw, bool first, __m512* partial) {
+  constexpr int64_t kPairStride = 2 * kDotPanelRows;  // partial[q * kPairStride + r], [.. + kDotPanelRows + r]
+  for (int64_t q = 0; 2 * q < group; ++q) {
+    const T* w0 = w + 2 * q * ldw;
+    const T* w1 = 2 * q + 1 < group ? w0 + ldw : w0;
+    __m512 acc[2][RB];
+#pragma GCC unroll 8
+    for (int r = 0; r < RB; ++r) {
+      acc[0][r] = first ? _mm512_setzero_ps() : partial[q * kPairStride + r];
+      acc[1][r] = first ? _mm512_setzero_ps() : partial[q * kPairStride + kDotPanelRows + r];
+    }
+    for (int64_t j = j0; j < j1; j += 16) {
+      const __mmask16 m = lane_mask(k - j);
+      if ((j * sizeof(T)) % 64 == 0) {  // this pair's next piece, in L2 before the group comes back to it
+        _mm_prefetch(reinterpret_cast<const char*>(w0 + j + kDotPiece<T>), _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char*>(w1 + j + kDotPiece<T>), _MM_HINT_T1);
+      }
+      const __m512 a = load16(w0 + j, m);
+      const __m512 b = load16(w1 + j, m);
+#pragma GCC unroll 8
+      for (int r = 0; r < RB; ++r) {
+        const __m512 gv = _mm512_maskz_loadu_ps(m, g + r * ldg + j);
+        acc[0][r] = _mm512_fmadd_ps(gv, a, acc[0][r]);
+        acc[1][r] = _mm512_fmadd_ps(gv, b, acc[1][r]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < RB; ++r) {
+      partial[q * kPairStride + r] = acc[0][r];
+      partial[q * kPairStride + kDotPanelRows + r] = acc[1][r];
+    }
+  }
+}
+
+// out[r, i] = g[r, :] . w[i, :] for r < rows, i0 <= i < i1: each sum runs in vector lanes along the reduction,
+// then one fixed lane tree, whatever the group, piece and panel sizes.
+template <typename T>
+TORCHMOE_SKINNY_AVX512 void skinny_mm_transposed_avx512(int64_t rows, int64_t k, int64_t i0, int64_t i1,
+                                                        const float* g, int64_t ldg, const T* w, int64_t ldw, T* out,
+                                                        int64_t ldo) {
+  // [pair of the group][first row's sums for panel rows 0..15, second row's sums for them]
+  alignas(64) __m512 partial[kDotGroupRows / 2][2 * kDotPanelRows];
+  for (int64_t p0 = 0; p0 < rows; p0 += kDotPanelRows) {
+    const int64_t panel = std::min(kDotPanelRows, rows - p0);
+    for (int64_t ib = i0; ib < i1; ib += kDotGroupRows) {
+      const int64_t group = std::min(kDotGroupRows, i1 - ib);
+      for (int64_t j0 = 0; j0 < k || j0 == 0; j0 += kDotPiece<T>) {
+        const int64_t j1 = std::min(k, j0 + kDotPiece<T>);
+        for (int64_t r0 = 0; r0 < panel; r0 += kMaxGroupRows) {
+          with_group_rows(static_cast<int>(std::min<int64_t>(kMaxGroupRows, panel - r0)), [&](auto rb) {
+            // this row group's sums sit at offset r0 in each half of partial[q]
+            dot_pieces<T, decltype(rb)::value>(group, j0, j1, k, g + (p0 + r0) * ldg, ldg, w + ib * ldw, ldw,
+                                               j0 == 0, &partial[0][r0]);
+          });
+        }
+        if (k == 0) break;
+      }
+      for (int64_t i = ib; i < ib + group; ++i) {
+        const int64_t q = (i - ib) / 2, half = (i - ib) % 2;
+        for (int64_t r = 0; r < panel; ++r) {
+          out[(p0 + r) * ldo + i] = static_cast<T>(_mm512_reduce_add_ps(partial[q][half * kDotPanelRows + r]));
+        }
+      }
+    }
   }
 }
 #pragma GCC diagnostic pop
@@ -272,7 +326,7 @@ void skinny_mm_transposed(int64_t rows, int64_t k, int64_t i0, int64_t i1, const
                           int64_t ldw, T* out, int64_t ldo) {
   if (rows <= 0 || i1 <= i0) return;
   int64_t ldgf = 0;
-  const float* gf = as_float(g, rows, k, ldg, ldgf);
+  const float* gf = as_float(g, rows, k, ldg, ldgf, /*padded=*/true);
 #if TORCHMOE_HAVE_SKINNY_AVX512
   if (skinny_avx512_available()) return skinny_mm_transposed_avx512(rows, k, i0, i1, gf, ldgf, w, ldw, out, ldo);
 #endif
