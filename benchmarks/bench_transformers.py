@@ -12,7 +12,9 @@ runs copies of it (the same weights) as
   torchmoe    apply_torchmoe(block): the "torchmoe" experts backend and the router on topk_gating
 
 forward (no grad) and forward+backward (w.r.t. the input and every parameter). Medians of --reps timed runs;
-"x" columns are torchmoe's speedups (> 1 means torchmoe is faster). Outputs are checked to agree. Last, a training
+"x" columns are torchmoe's speedups (> 1 means torchmoe is faster). "of" columns put a pass against the machine's
+limit measured in the same run: the float32 GEMM rate (torch.mm) for the experts' products, or, when reading the
+weights of the experts hit takes longer (decode sizes), the read bandwidth. Outputs are checked to agree. Last, a training
 step (forward, backward, AdamW) of a whole tiny Qwen3-MoE causal LM with each backend.
 """
 import argparse
@@ -79,9 +81,12 @@ def bench_block(shape: str, tokens: int, reps: int):
     hidden = models["eager"].experts.hidden_dim
     x = torch.randn(1, tokens, hidden)
     outs = {}
+    hit = []  # the experts the router picks, seen by the eager experts module
+    hook = models["eager"].experts.register_forward_pre_hook(lambda mod, args: hit.append(args[1].unique().numel()))
     with torch.no_grad():
         for name, m in models.items():
             outs[name] = m(x)
+    hook.remove()
     for name in BACKENDS[1:]:
         torch.testing.assert_close(outs[name], outs["eager"], rtol=1e-3, atol=1e-5)
 
@@ -99,11 +104,38 @@ def bench_block(shape: str, tokens: int, reps: int):
             m(xg).square().sum().backward()
         return run
 
+    experts = models["eager"].experts
+    k = experts.config.num_experts_per_tok
+    weights_per_expert = sum(p[0].numel() * p.element_size() for p in (experts.gate_up_proj, experts.down_proj))
+    expert_flops = 2 * tokens * k * (experts.gate_up_proj[0].numel() + experts.down_proj[0].numel())
     rows = []
     for mode, make in (("fwd", forward), ("fwd+bwd", forward_backward)):
         times = median_seconds({name: make(m) for name, m in models.items()}, reps)
-        rows.append((mode, times))
+        # the work that bounds the pass: the experts' products (the backward's are twice the forward's), or the
+        # weight traffic (the forward reads the experts hit once; the backward reads them again and writes every
+        # expert's gradient)
+        if mode == "fwd":
+            work = {"flops": expert_flops, "bytes": hit[0] * weights_per_expert}
+        else:
+            work = {"flops": 3 * expert_flops, "bytes": (2 * hit[0] + experts.num_experts) * weights_per_expert}
+        rows.append((mode, times, work))
     return rows
+
+
+def machine_limits(reps: int) -> dict:
+    """The GEMM rate (float32 torch.mm, 4096 x 1024 @ 1024 x 2048, the experts' products at T=4096) and the
+    read bandwidth (x.sum() over 256 MiB), medians measured in this run."""
+    a, b = torch.randn(4096, 1024), torch.randn(1024, 2048)
+    big = torch.ones(64 << 20)
+    t = median_seconds({"mm": lambda: torch.mm(a, b), "read": lambda: big.sum()}, max(reps, 5))
+    return {"flops": 2 * 4096 * 1024 * 2048 / t["mm"], "bytes": big.numel() * 4 / t["read"]}
+
+
+def of_limit(work: dict, seconds: float, limits: dict) -> tuple:
+    """The pass's rate as a fraction of the machine's limit for it, and that limit's name: the GEMM rate once the
+    experts' products take longer than their weight traffic, else the read bandwidth."""
+    bound = "flops" if work["flops"] / limits["flops"] > work["bytes"] / limits["bytes"] else "bytes"
+    return work[bound] / seconds / limits[bound], ("GEMM" if bound == "flops" else "read")
 
 
 def bench_model_step(reps: int):
@@ -146,16 +178,22 @@ def main(argv=None):
     print(f"CPU: {cpu_model()}, {os.cpu_count()} logical CPUs, torch {torch.__version__} with "
           f"{torch.get_num_threads()} threads, torchmoe {torchmoe.__version__}, transformers "
           f"{__import__('transformers').__version__}; medians of {args.reps} runs")
+    limits = machine_limits(args.reps)
+    print(f"machine limits in this run: float32 GEMM {limits['flops'] / 1e9:.0f} GFLOP/s (torch.mm), read "
+          f"{limits['bytes'] / 1e9:.1f} GB/s (x.sum() over 256 MiB)")
     header = (f"{'block':<10} {'T':>5} {'pass':<8} {'eager ms':>9} {'grouped ms':>10} {'torchmoe ms':>11} "
-              f"{'x eager':>8} {'x grouped':>9}")
+              f"{'x eager':>8} {'x grouped':>9} {'limit':>5} {'grouped of':>10} {'torchmoe of':>11}")
     print(header)
     print("-" * len(header))
     for shape in args.shapes:
         for tokens in args.tokens:
-            for mode, t in bench_block(shape, tokens, args.reps):
+            for mode, t, work in bench_block(shape, tokens, args.reps):
                 ours = t["torchmoe"]
+                frac_ours, bound = of_limit(work, ours, limits)
+                frac_grouped, _ = of_limit(work, t["grouped_mm"], limits)
                 print(f"{shape:<10} {tokens:>5} {mode:<8} {fmt_ms(t['eager'])} {fmt_ms(t['grouped_mm']):>10} "
-                      f"{fmt_ms(ours):>11} {t['eager'] / ours:>8.2f} {t['grouped_mm'] / ours:>9.2f}")
+                      f"{fmt_ms(ours):>11} {t['eager'] / ours:>8.2f} {t['grouped_mm'] / ours:>9.2f} {bound:>5} "
+                      f"{frac_grouped:>10.2f} {frac_ours:>11.2f}")
     if not args.no_model_step:
         t = bench_model_step(args.reps)
         ours = t["torchmoe"]

@@ -1,7 +1,8 @@
 // grouped_mm on CPU: each expert's product is cut into blocks, and threads take blocks from a shared counter
 // (at::parallel_for workers). An expert with at most kSkinnyMaxRows rows (float32, bfloat16, float16) runs the
 // skinny kernels (skinny_gemm.h: one pass over its weight, cut into column blocks) for its output and its
-// grad_x. Other float32 experts on a CPU with AVX-512 run torchmoe's own GEMM (sgemm.h). Both give results
+// grad_x. Other float32 experts on a CPU with AVX-512 run torchmoe's own GEMM (sgemm.h), except the forward on
+// Intel CPUs, where MKL's is faster (cpu::blas_sgemm_preferred). Both give results
 // that do not depend on how a product is cut, so their blocks are sized to the thread count; the rest run one
 // BLAS call (at::mm_out) per fixed-size block, so every output element comes from the same call whatever
 // the thread count. A weight whose matrix dims have one unit stride (a transposed view such as Hugging Face's
@@ -299,7 +300,7 @@ at::Tensor grouped_mm_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, c
     TORCHMOE_SKINNY_CALL(x.scalar_type(), skinny_forward_block, skinny[i], x, weight, offsets, out);
   };
   const int64_t num_skinny = static_cast<int64_t>(skinny.size());
-  if (use_fast_sgemm(x)) {
+  if (use_fast_sgemm(x) && !cpu::blas_sgemm_preferred()) {
     grouped_mm_fast(x, weight, offsets, out, num_skinny, run_skinny);
     return out;
   }

@@ -34,6 +34,18 @@ bool fast_sgemm_available() {
 #endif
 }
 
+bool blas_sgemm_preferred() {
+#if TORCHMOE_HAVE_AVX512_KERNEL
+  static const bool intel = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_is("intel") != 0;
+  }();
+  return intel;
+#else
+  return true;
+#endif
+}
+
 #if TORCHMOE_HAVE_AVX512_KERNEL
 namespace {
 

@@ -219,40 +219,50 @@ constexpr int64_t kDotPiece = 1024 / sizeof(T);  // 1 KiB of each row
 // g rows per pass over w (more rows pass over w again).
 constexpr int64_t kDotPanelRows = 2 * kMaxGroupRows;
 
-// For each pair q of the group's w rows (an odd last row paired with itself), the vector accumulators of
-// g[r, :] . w[2q | 2q + 1, :] (zero first when `first`) += g[r, j0:j1] * w[2q | 2q + 1, j0:j1] lane-wise, r < RB.
+
+// w rows per pass of dot_pieces: RB * kDotRows<RB> <= 16 accumulators.
+template <int RB>
+constexpr int kDotRows = RB <= 4 ? 4 : 2;
+
+// For the group's w rows i (kDotRows<RB> at a time; a short last pass repeats its last row), the vector
+// accumulators partial[i][r] of g[r, :] . w[i, :] (zero first when `first`) += g[r, j0:j1] * w[i, j0:j1]
+// lane-wise, r < RB.
 template <typename T, int RB>
 TORCHMOE_SKINNY_AVX512 void dot_pieces(int64_t group, int64_t j0, int64_t j1, int64_t k, const float* g,
                                        int64_t ldg, const T* w, int64_t ldw, bool first, __m512* partial) {
-  constexpr int64_t kPairStride = 2 * kDotPanelRows;  // partial[q * kPairStride + r], [.. + kDotPanelRows + r]
-  for (int64_t q = 0; 2 * q < group; ++q) {
-    const T* w0 = w + 2 * q * ldw;
-    const T* w1 = 2 * q + 1 < group ? w0 + ldw : w0;
-    __m512 acc[2][RB];
+  constexpr int NW = kDotRows<RB>;
+  for (int64_t i0 = 0; i0 < group; i0 += NW) {
+    const T* wr[NW];
+    for (int u = 0; u < NW; ++u) wr[u] = w + std::min<int64_t>(i0 + u, group - 1) * ldw;
+    __m512 acc[NW][RB];
+#pragma GCC unroll 4
+    for (int u = 0; u < NW; ++u) {
 #pragma GCC unroll 8
-    for (int r = 0; r < RB; ++r) {
-      acc[0][r] = first ? _mm512_setzero_ps() : partial[q * kPairStride + r];
-      acc[1][r] = first ? _mm512_setzero_ps() : partial[q * kPairStride + kDotPanelRows + r];
+      for (int r = 0; r < RB; ++r) {
+        acc[u][r] = first ? _mm512_setzero_ps() : partial[(i0 + u) * kDotPanelRows + r];
+      }
     }
     for (int64_t j = j0; j < j1; j += 16) {
       const __mmask16 m = lane_mask(k - j);
-      if ((j * sizeof(T)) % 64 == 0) {  // this pair's next piece, in L2 before the group comes back to it
-        _mm_prefetch(reinterpret_cast<const char*>(w0 + j + kDotPiece<T>), _MM_HINT_T1);
-        _mm_prefetch(reinterpret_cast<const char*>(w1 + j + kDotPiece<T>), _MM_HINT_T1);
+      if ((j * sizeof(T)) % 64 == 0) {  // these rows' next piece, in L2 before the group comes back to it
+#pragma GCC unroll 4
+        for (int u = 0; u < NW; ++u) _mm_prefetch(reinterpret_cast<const char*>(wr[u] + j + kDotPiece<T>), _MM_HINT_T1);
       }
-      const __m512 a = load16(w0 + j, m);
-      const __m512 b = load16(w1 + j, m);
+      __m512 wv[NW];
+#pragma GCC unroll 4
+      for (int u = 0; u < NW; ++u) wv[u] = load16(wr[u] + j, m);
 #pragma GCC unroll 8
       for (int r = 0; r < RB; ++r) {
         const __m512 gv = _mm512_maskz_loadu_ps(m, g + r * ldg + j);
-        acc[0][r] = _mm512_fmadd_ps(gv, a, acc[0][r]);
-        acc[1][r] = _mm512_fmadd_ps(gv, b, acc[1][r]);
+#pragma GCC unroll 4
+        for (int u = 0; u < NW; ++u) acc[u][r] = _mm512_fmadd_ps(gv, wv[u], acc[u][r]);
       }
     }
+#pragma GCC unroll 4
+    for (int u = 0; u < NW; ++u) {
+      if (i0 + u >= group) break;
 #pragma GCC unroll 8
-    for (int r = 0; r < RB; ++r) {
-      partial[q * kPairStride + r] = acc[0][r];
-      partial[q * kPairStride + kDotPanelRows + r] = acc[1][r];
+      for (int r = 0; r < RB; ++r) partial[(i0 + u) * kDotPanelRows + r] = acc[u][r];
     }
   }
 }
@@ -263,8 +273,7 @@ template <typename T>
 TORCHMOE_SKINNY_AVX512 void skinny_mm_transposed_avx512(int64_t rows, int64_t k, int64_t i0, int64_t i1,
                                                         const float* g, int64_t ldg, const T* w, int64_t ldw, T* out,
                                                         int64_t ldo) {
-  // [pair of the group][first row's sums for panel rows 0..15, second row's sums for them]
-  alignas(64) __m512 partial[kDotGroupRows / 2][2 * kDotPanelRows];
+  alignas(64) __m512 partial[kDotGroupRows][kDotPanelRows];  // [w row of the group][g row of the panel]
   for (int64_t p0 = 0; p0 < rows; p0 += kDotPanelRows) {
     const int64_t panel = std::min(kDotPanelRows, rows - p0);
     for (int64_t ib = i0; ib < i1; ib += kDotGroupRows) {
@@ -273,17 +282,15 @@ TORCHMOE_SKINNY_AVX512 void skinny_mm_transposed_avx512(int64_t rows, int64_t k,
         const int64_t j1 = std::min(k, j0 + kDotPiece<T>);
         for (int64_t r0 = 0; r0 < panel; r0 += kMaxGroupRows) {
           with_group_rows(static_cast<int>(std::min<int64_t>(kMaxGroupRows, panel - r0)), [&](auto rb) {
-            // this row group's sums sit at offset r0 in each half of partial[q]
             dot_pieces<T, decltype(rb)::value>(group, j0, j1, k, g + (p0 + r0) * ldg, ldg, w + ib * ldw, ldw,
                                                j0 == 0, &partial[0][r0]);
           });
         }
         if (k == 0) break;
       }
-      for (int64_t i = ib; i < ib + group; ++i) {
-        const int64_t q = (i - ib) / 2, half = (i - ib) % 2;
+      for (int64_t i = 0; i < group; ++i) {
         for (int64_t r = 0; r < panel; ++r) {
-          out[(p0 + r) * ldo + i] = static_cast<T>(_mm512_reduce_add_ps(partial[q][half * kDotPanelRows + r]));
+          out[(p0 + r) * ldo + ib + i] = static_cast<T>(_mm512_reduce_add_ps(partial[i][r]));
         }
       }
     }
