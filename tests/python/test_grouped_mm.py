@@ -467,7 +467,7 @@ def strided_weight_views(d_in, d_out, num_experts, dtype, g):
 @pytest.mark.parametrize("counts", [[37, 0, 250, 9], [1, 2, 0, 16], [17, 3, 5, 64]])
 def test_strided_weight_views_forward_backward(counts, dtype):
     g = torch.Generator().manual_seed(1)
-    for d_in, d_out in [(40, 33), (96, 200), (7, 1)]:
+    for d_in, d_out in [(40, 33), (96, 200), (7, 1), (600, 45)]:  # 600: several pieces of a weight row
         x, _, c = make(counts, d_in, d_out, dtype=dtype, requires_grad=True)
         grad = torch.randn(x.shape[0], d_out, generator=g, dtype=torch.float64).to(dtype)
         for name, view in strided_weight_views(d_in, d_out, len(counts), dtype, g).items():

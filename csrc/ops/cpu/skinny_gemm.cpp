@@ -1,8 +1,9 @@
-// skinny_mm: w is walked in column strips (16 * kVectors<RB> columns), row p after row p, each strip once per
-// group of at most 8 rows (a second group re-reads the strip from L2). A strip's accumulators (RB rows x
-// kVectors<RB> vectors) stay in registers; w's rows lie a row stride apart, so the next rows are prefetched.
-// skinny_mm_transposed: w's rows are contiguous along the reduction, so each pair of w rows is streamed once
-// against every row of g (vector accumulators, reduced at the end).
+// skinny_mm: w is read in k-blocks of kBlockRows rows; each block is walked in column strips (16 * kVectors<RB>
+// columns), row after row, by every group of at most 8 rows while it is in cache. A strip's accumulators (RB
+// rows x kVectors<RB> vectors) stay in registers within a block and in a float32 buffer between blocks.
+// skinny_mm_transposed: w's rows are contiguous along the reduction; groups of kDotGroupRows rows are read
+// piece by piece (kDotRows<RB> rows at a time against every row of g, vector accumulators reduced at the end).
+// Both keep about 16 sequential streams per thread, which the hardware prefetcher follows.
 #include "ops/cpu/skinny_gemm.h"
 
 #include <algorithm>
@@ -114,14 +115,12 @@ constexpr int kVectors = RB == 1 ? 16 : RB == 2 ? 8 : RB <= 4 ? 4 : 2;
 constexpr int64_t kBlockRows = 16;
 
 // acc[r, 0:cols] (row stride ld_acc) += x[r, 0:kb] @ w[0:kb, 0:cols] for r < RB (acc zero first when `first`);
-// Full: cols is the whole strip (no masks to keep, which would not fit the mask registers). Prefetches the
-// strip's lines of the next block's rows.
+// Full: cols is the whole strip (no masks to keep, which would not fit the mask registers).
 template <typename T, int RB, bool Full>
 TORCHMOE_SKINNY_AVX512 void strip(int64_t kb, const float* x, int64_t ldx, const T* w, int64_t ldw, int64_t cols,
                                   float* acc_io, int64_t ld_acc, bool first) {
   constexpr int NV = kVectors<RB>;
   if constexpr (Full) cols = 16 * NV;
-  constexpr int kLines = static_cast<int>((16 * NV * sizeof(T) + 63) / 64);
   __mmask16 masks[NV];
   for (int v = 0; v < NV; ++v) masks[v] = lane_mask(cols - 16 * v);
   __m512 acc[RB][NV];
@@ -134,9 +133,6 @@ TORCHMOE_SKINNY_AVX512 void strip(int64_t kb, const float* x, int64_t ldx, const
   }
   for (int64_t p = 0; p < kb; ++p) {
     const T* wr = w + p * ldw;
-    const char* ahead = reinterpret_cast<const char*>(wr + kBlockRows * ldw);  // prefetches never fault
-#pragma GCC unroll 16
-    for (int l = 0; l < kLines; ++l) _mm_prefetch(ahead + 64 * l, _MM_HINT_T0);
     __m512 wv[NV];
 #pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) wv[v] = load16(wr + 16 * v, masks[v]);
@@ -246,7 +242,9 @@ TORCHMOE_SKINNY_AVX512 void dot_pieces(int64_t group, int64_t j0, int64_t j1, in
       const __mmask16 m = lane_mask(k - j);
       if ((j * sizeof(T)) % 64 == 0) {  // these rows' next piece, in L2 before the group comes back to it
 #pragma GCC unroll 4
-        for (int u = 0; u < NW; ++u) _mm_prefetch(reinterpret_cast<const char*>(wr[u] + j + kDotPiece<T>), _MM_HINT_T1);
+        for (int u = 0; u < NW; ++u) {
+          _mm_prefetch(reinterpret_cast<const char*>(wr[u] + j + kDotPiece<T>), _MM_HINT_T1);
+        }
       }
       __m512 wv[NW];
 #pragma GCC unroll 4
