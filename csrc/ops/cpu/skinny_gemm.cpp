@@ -121,6 +121,7 @@ TORCHMOE_SKINNY_AVX512 void strip(int64_t kb, const float* x, int64_t ldx, const
                                   float* acc_io, int64_t ld_acc, bool first) {
   constexpr int NV = kVectors<RB>;
   if constexpr (Full) cols = 16 * NV;
+  constexpr int kLines = static_cast<int>((16 * NV * sizeof(T) + 63) / 64);
   __mmask16 masks[NV];
   for (int v = 0; v < NV; ++v) masks[v] = lane_mask(cols - 16 * v);
   __m512 acc[RB][NV];
@@ -133,6 +134,11 @@ TORCHMOE_SKINNY_AVX512 void strip(int64_t kb, const float* x, int64_t ldx, const
   }
   for (int64_t p = 0; p < kb; ++p) {
     const T* wr = w + p * ldw;
+    // the strip's lines of the next block's row: narrow strips (several rows) cross into a new page every row,
+    // too short a stream for the hardware prefetcher alone
+    const char* ahead = reinterpret_cast<const char*>(wr + kBlockRows * ldw);  // prefetches never fault
+#pragma GCC unroll 16
+    for (int l = 0; l < kLines; ++l) _mm_prefetch(ahead + 64 * l, _MM_HINT_T0);
     __m512 wv[NV];
 #pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) wv[v] = load16(wr + 16 * v, masks[v]);
