@@ -140,40 +140,24 @@ std::vector<SkinnyBlock> skinny_blocks(const std::vector<int64_t>& offsets, int6
   return blocks;
 }
 
-// out rows of e = x rows of e @ weight[e], columns [b.begin, b.end) of out. A row-major weight[e] (unit column
-// stride) is w of skinny_mm; a transposed one (unit row stride) is the stored [d_out, d_in] matrix, w^T of
-// skinny_mm_transposed.
+// out rows of e = in rows of e @ m, columns [b.begin, b.end) of out, where m is weight[e] (forward: in is x, out
+// is out) or weight[e]^T (grad_x: in is grad_output, out is grad_x). An m with unit column stride is w of
+// skinny_mm, one with unit row stride is the stored matrix w^T of skinny_mm_transposed; a weight with both unit
+// strides (a matrix dim of size 1) runs skinny_mm forward and skinny_mm_transposed backward.
 template <typename T>
-void skinny_forward_block(const SkinnyBlock& b, const at::Tensor& x, const at::Tensor& weight,
-                          const std::vector<int64_t>& offsets, at::Tensor& out) {
-  const int64_t d_in = weight.size(1), d_out = weight.size(2);
+void skinny_block(const SkinnyBlock& b, bool transposed, const at::Tensor& in, const at::Tensor& weight,
+                  const std::vector<int64_t>& offsets, at::Tensor& out) {
+  const int64_t k = weight.size(transposed ? 2 : 1), n = weight.size(transposed ? 1 : 2);
+  const int64_t m_rs = weight.stride(transposed ? 2 : 1), m_cs = weight.stride(transposed ? 1 : 2);
   const int64_t row0 = offsets[b.expert];
   const int64_t rows = offsets[b.expert + 1] - row0;
-  const T* x_e = x.const_data_ptr<T>() + row0 * d_in;
+  const T* in_e = in.const_data_ptr<T>() + row0 * k;
   const T* w_e = weight.const_data_ptr<T>() + b.expert * weight.stride(0);
-  T* out_e = out.mutable_data_ptr<T>() + row0 * d_out;
-  if (weight.stride(2) == 1) {
-    cpu::skinny_mm<T>(rows, d_in, b.begin, b.end, x_e, d_in, w_e, weight.stride(1), out_e, d_out);
+  T* out_e = out.mutable_data_ptr<T>() + row0 * n;
+  if ((weight.stride(2) == 1) != transposed) {
+    cpu::skinny_mm<T>(rows, k, b.begin, b.end, in_e, k, w_e, m_rs, out_e, n);
   } else {
-    cpu::skinny_mm_transposed<T>(rows, d_in, b.begin, b.end, x_e, d_in, w_e, weight.stride(2), out_e, d_out);
-  }
-}
-
-// grad_x rows of e = grad_output rows of e @ weight[e]^T, columns [b.begin, b.end) of grad_x (the two layouts
-// as in skinny_forward_block, kernels swapped).
-template <typename T>
-void skinny_grad_x_block(const SkinnyBlock& b, const at::Tensor& grad_output, const at::Tensor& weight,
-                         const std::vector<int64_t>& offsets, at::Tensor& grad_x) {
-  const int64_t d_in = weight.size(1), d_out = weight.size(2);
-  const int64_t row0 = offsets[b.expert];
-  const int64_t rows = offsets[b.expert + 1] - row0;
-  const T* g_e = grad_output.const_data_ptr<T>() + row0 * d_out;
-  const T* w_e = weight.const_data_ptr<T>() + b.expert * weight.stride(0);
-  T* gx_e = grad_x.mutable_data_ptr<T>() + row0 * d_in;
-  if (weight.stride(2) == 1) {
-    cpu::skinny_mm_transposed<T>(rows, d_out, b.begin, b.end, g_e, d_out, w_e, weight.stride(1), gx_e, d_in);
-  } else {
-    cpu::skinny_mm<T>(rows, d_out, b.begin, b.end, g_e, d_out, w_e, weight.stride(2), gx_e, d_in);
+    cpu::skinny_mm_transposed<T>(rows, k, b.begin, b.end, in_e, k, w_e, m_cs, out_e, n);
   }
 }
 
@@ -303,7 +287,7 @@ at::Tensor grouped_mm_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, c
   const bool skinny_ok = skinny_dtype(x.scalar_type());
   const auto skinny = skinny_blocks(offsets, weight.size(2), weight.element_size(), skinny_ok);
   auto run_skinny = [&](int64_t i) {
-    TORCHMOE_SKINNY_CALL(x.scalar_type(), skinny_forward_block, skinny[i], x, weight, offsets, out);
+    TORCHMOE_SKINNY_CALL(x.scalar_type(), skinny_block, skinny[i], /*transposed=*/false, x, weight, offsets, out);
   };
   const int64_t num_skinny = static_cast<int64_t>(skinny.size());
   if (use_fast_sgemm(x) && !cpu::blas_sgemm_preferred()) {
@@ -339,7 +323,8 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cpu(const at::Tensor& gra
   const bool skinny_ok = skinny_dtype(x.scalar_type());
   const auto skinny = skinny_blocks(offsets, d_in, weight.element_size(), skinny_ok);
   auto run_skinny = [&](int64_t i) {
-    TORCHMOE_SKINNY_CALL(x.scalar_type(), skinny_grad_x_block, skinny[i], grad_output, weight, offsets, grad_x);
+    TORCHMOE_SKINNY_CALL(x.scalar_type(), skinny_block, skinny[i], /*transposed=*/true, grad_output, weight, offsets,
+                         grad_x);
   };
   const int64_t num_skinny = static_cast<int64_t>(skinny.size());
   if (use_fast_sgemm(x)) {

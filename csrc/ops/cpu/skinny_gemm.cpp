@@ -6,9 +6,9 @@
 // Both keep about 16 sequential streams per thread, which the hardware prefetcher follows.
 #include "ops/cpu/skinny_gemm.h"
 
+#include "ops/cpu/sgemm.h"
+
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -30,25 +30,27 @@ float to_float(float v) { return v; }
 float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
 float to_float(c10::Half v) { return static_cast<float>(v); }
 
-// float32 copy of a [rows, k] operand (the operand itself when it is float32, unless `padded`). A padded copy's
-// row stride is k + 16 floats: rows a multiple of 4 KiB apart would share L1 sets with one another and with the
-// weight rows streamed next to them.
+// float32 copy of a [rows, k] operand (the operand itself when it is float32).
 template <typename T>
-const float* as_float(const T* src, int64_t rows, int64_t k, int64_t ld, int64_t& ld_out, bool padded = false) {
+const float* as_float(const T* src, int64_t rows, int64_t k, int64_t ld, int64_t& ld_out) {
   if constexpr (std::is_same_v<T, float>) {
-    if (!padded || rows == 1) {
-      ld_out = ld;
-      return src;
+    ld_out = ld;
+    return src;
+  } else {
+    thread_local std::vector<float> buffer;
+    buffer.resize(static_cast<size_t>(rows * k));
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t p = 0; p < k; ++p) buffer[r * k + p] = to_float(src[r * ld + p]);
     }
+    ld_out = k;
+    return buffer.data();
   }
-  const int64_t stride = padded ? k + 16 : k;
-  thread_local std::vector<float> buffer;
-  buffer.resize(static_cast<size_t>(rows * stride));
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t p = 0; p < k; ++p) buffer[r * stride + p] = to_float(src[r * ld + p]);
-  }
-  ld_out = stride;
-  return buffer.data();
+}
+
+// out[r, c0:c1] = 0 for r < rows: an empty reduction (the kernels below assume k > 0).
+template <typename T>
+void zero_columns(int64_t rows, int64_t c0, int64_t c1, T* out, int64_t ldo) {
+  for (int64_t r = 0; r < rows; ++r) std::fill(out + r * ldo + c0, out + r * ldo + c1, static_cast<T>(0.0f));
 }
 
 // ---------------------------------------------------------------- portable
@@ -196,7 +198,7 @@ void skinny_mm_avx512(int64_t rows, int64_t k, int64_t j0, int64_t j1, const flo
   thread_local std::vector<float> buffer;
   buffer.resize(static_cast<size_t>(rows * width));
   float* acc = buffer.data();
-  for (int64_t p0 = 0; p0 < k || p0 == 0; p0 += kBlockRows) {
+  for (int64_t p0 = 0; p0 < k; p0 += kBlockRows) {
     const int64_t kb = std::min(kBlockRows, k - p0);
     for (int64_t r0 = 0; r0 < rows; r0 += kMaxGroupRows) {
       with_group_rows(static_cast<int>(std::min<int64_t>(kMaxGroupRows, rows - r0)), [&](auto rb) {
@@ -204,7 +206,6 @@ void skinny_mm_avx512(int64_t rows, int64_t k, int64_t j0, int64_t j1, const flo
                                              acc + r0 * width, p0 == 0);
       });
     }
-    if (k == 0) break;
   }
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t c = 0; c < width; ++c) out[r * ldo + j0 + c] = static_cast<T>(acc[r * width + c]);
@@ -220,7 +221,6 @@ template <typename T>
 constexpr int64_t kDotPiece = 1024 / sizeof(T);  // 1 KiB of each row
 // g rows per pass over w (more rows pass over w again).
 constexpr int64_t kDotPanelRows = 2 * kMaxGroupRows;
-
 
 // w rows per pass of dot_pieces: RB * kDotRows<RB> <= 16 accumulators.
 template <int RB>
@@ -282,7 +282,7 @@ TORCHMOE_SKINNY_AVX512 void skinny_mm_transposed_avx512(int64_t rows, int64_t k,
     const int64_t panel = std::min(kDotPanelRows, rows - p0);
     for (int64_t ib = i0; ib < i1; ib += kDotGroupRows) {
       const int64_t group = std::min(kDotGroupRows, i1 - ib);
-      for (int64_t j0 = 0; j0 < k || j0 == 0; j0 += kDotPiece<T>) {
+      for (int64_t j0 = 0; j0 < k; j0 += kDotPiece<T>) {
         const int64_t j1 = std::min(k, j0 + kDotPiece<T>);
         for (int64_t r0 = 0; r0 < panel; r0 += kMaxGroupRows) {
           with_group_rows(static_cast<int>(std::min<int64_t>(kMaxGroupRows, panel - r0)), [&](auto rb) {
@@ -290,7 +290,6 @@ TORCHMOE_SKINNY_AVX512 void skinny_mm_transposed_avx512(int64_t rows, int64_t k,
                                                j0 == 0, &partial[0][r0]);
           });
         }
-        if (k == 0) break;
       }
       for (int64_t i = 0; i < group; ++i) {
         for (int64_t r = 0; r < panel; ++r) {
@@ -307,13 +306,9 @@ TORCHMOE_SKINNY_AVX512 void skinny_mm_transposed_avx512(int64_t rows, int64_t k,
 
 bool skinny_avx512_available() {
 #if TORCHMOE_HAVE_SKINNY_AVX512
-  static const bool available = [] {
-    const char* off = std::getenv("TORCHMOE_DISABLE_AVX512");
-    if (off != nullptr && off[0] != '\0' && std::strcmp(off, "0") != 0) return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl");
-  }();
+  // fast_sgemm_available(): AVX-512F, and TORCHMOE_DISABLE_AVX512 read as the GEMM reads it
+  static const bool available = fast_sgemm_available() && __builtin_cpu_supports("avx512bw") &&
+                                __builtin_cpu_supports("avx512vl");
   return available;
 #else
   return false;
@@ -324,6 +319,7 @@ template <typename T>
 void skinny_mm(int64_t rows, int64_t k, int64_t j0, int64_t j1, const T* x, int64_t ldx, const T* w, int64_t ldw,
                T* out, int64_t ldo) {
   if (rows <= 0 || j1 <= j0) return;
+  if (k == 0) return zero_columns(rows, j0, j1, out, ldo);
   int64_t ldxf = 0;
   const float* xf = as_float(x, rows, k, ldx, ldxf);
 #if TORCHMOE_HAVE_SKINNY_AVX512
@@ -336,8 +332,9 @@ template <typename T>
 void skinny_mm_transposed(int64_t rows, int64_t k, int64_t i0, int64_t i1, const T* g, int64_t ldg, const T* w,
                           int64_t ldw, T* out, int64_t ldo) {
   if (rows <= 0 || i1 <= i0) return;
+  if (k == 0) return zero_columns(rows, i0, i1, out, ldo);
   int64_t ldgf = 0;
-  const float* gf = as_float(g, rows, k, ldg, ldgf, /*padded=*/true);
+  const float* gf = as_float(g, rows, k, ldg, ldgf);
 #if TORCHMOE_HAVE_SKINNY_AVX512
   if (skinny_avx512_available()) return skinny_mm_transposed_avx512(rows, k, i0, i1, gf, ldgf, w, ldw, out, ldo);
 #endif
