@@ -4,6 +4,7 @@
 #include "ops/combine.h"
 #include "ops/dispatch.h"
 #include "ops/grouped_mm.h"
+#include "ops/grouped_mm_quantized.h"
 #include "ops/route_plan.h"
 #include "ops/swiglu.h"
 #include "ops/topk_gating.h"

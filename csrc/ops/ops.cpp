@@ -32,6 +32,13 @@ TORCH_LIBRARY(torchmoe, m) {
   m.def("_grouped_mm_backward(Tensor grad_output, Tensor x, Tensor weight, Tensor counts) "
         "-> (Tensor grad_x, Tensor grad_weight)", tags);
 
+  // grouped_mm with weight-only quantized experts (int8, or int4 two per byte), dequantized on the fly; the
+  // packed layout is described in csrc/ops/common/grouped_mm_quantized_checks.h. Gradient w.r.t. x only.
+  m.def("grouped_mm_quantized(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor counts, int bits, "
+        "int group_size) -> Tensor", tags);
+  m.def("_grouped_mm_quantized_backward(Tensor grad_output, Tensor qweight, Tensor scales, Tensor? zeros, "
+        "Tensor counts, int bits, int group_size) -> Tensor", tags);
+
   // silu(gate) * up, elementwise (the SwiGLU expert's activation); same shapes and dtypes.
   m.def("swiglu(Tensor gate, Tensor up) -> Tensor", tags);
   m.def("_swiglu_backward(Tensor grad_out, Tensor gate, Tensor up) -> (Tensor grad_gate, Tensor grad_up)", tags);

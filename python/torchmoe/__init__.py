@@ -8,6 +8,7 @@ torch.compile and C++) and exposes typed functional wrappers:
 - :func:`dispatch` / :func:`combine` — move token rows into expert buffers and back
 - :func:`grouped_mm`   — one matmul per expert over rows grouped by expert
 - :func:`swiglu`       — ``silu(gate) * up``, the SwiGLU activation
+- :func:`quantize_weight` / :func:`grouped_mm_quantized` — int8/int4 weight-only quantized experts
 - :func:`capacity`     — the expert capacity for a capacity factor
 - :func:`cpu_cache_bytes` / :func:`empty_cpu_cache` — the CPU kernels' cache of large freed outputs
 
@@ -21,6 +22,7 @@ _library.load()
 from .ops import (  # noqa: E402
     capacity, combine, cpu_cache_bytes, dispatch, empty_cpu_cache, grouped_mm, route_plan, swiglu, topk_gating,
 )
+from .quantization import QuantizedWeight, dequantize_weight, grouped_mm_quantized, quantize_weight  # noqa: E402
 from . import reference  # noqa: E402
 
 __version__ = "0.1.0"
@@ -32,6 +34,10 @@ __all__ = [
     "combine",
     "grouped_mm",
     "swiglu",
+    "grouped_mm_quantized",
+    "quantize_weight",
+    "dequantize_weight",
+    "QuantizedWeight",
     "capacity",
     "cpu_cache_bytes",
     "empty_cpu_cache",

@@ -153,3 +153,11 @@ def grouped_mm(x: Tensor, weight: Tensor, counts: Tensor) -> Tensor:
     if not outs:
         return x.new_zeros((0, weight.shape[-1]))
     return torch.cat(outs, 0)
+
+
+def grouped_mm_quantized(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], counts: Tensor,
+                         bits: int, group_size: int) -> Tensor:
+    """Reference for ``torch.ops.torchmoe.grouped_mm_quantized``: dequantize, then :func:`grouped_mm`."""
+    from .quantization import dequantize_weight
+
+    return grouped_mm(x, dequantize_weight(qweight, scales, zeros, bits, group_size, x.dtype), counts)

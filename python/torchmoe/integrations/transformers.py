@@ -37,6 +37,7 @@ from transformers.integrations import moe as _hf_moe
 
 from .. import _library
 from .. import ops
+from ..quantization import QuantizedWeight, grouped_mm_quantized, quantize_weight
 
 __all__ = [
     "BACKEND_NAME",
@@ -74,7 +75,7 @@ def _unsupported_reason(experts: nn.Module, hidden_states: Tensor) -> Optional[s
     if getattr(experts, "_is_expert_parallel", False):
         return "expert-parallel experts (sentinel expert ids) are not supported"
     names = ("gate_up_proj" if experts.has_gate else "up_proj", "down_proj")
-    for name in names:
+    for name in names if _quantized_weights(experts) is None else ():
         weight = getattr(experts, name, None)
         if not isinstance(weight, Tensor) or weight.dim() != 3:
             return f"'{name}' is not a 3-D tensor"
@@ -84,6 +85,40 @@ def _unsupported_reason(experts: nn.Module, hidden_states: Tensor) -> Optional[s
     if device not in ("cpu", "cuda") or (device == "cuda" and not _library.built_with_cuda()):
         return f"torchmoe has no kernels for device '{hidden_states.device}' in this build"
     return None
+
+
+_QUANTIZE_FORMATS = {"int8": (8, True), "int4": (4, True), "int4_asym": (4, False)}
+
+
+def _quantized_weights(experts: nn.Module) -> Optional[Dict[str, QuantizedWeight]]:
+    """The experts' quantized weights (name -> QuantizedWeight) when apply_torchmoe(quantize=...) converted them."""
+    meta = getattr(experts, "_torchmoe_quantized", None)
+    if meta is None:
+        return None
+    return {name: QuantizedWeight(getattr(experts, f"{name}_qweight"), getattr(experts, f"{name}_scales"),
+                                  getattr(experts, f"{name}_zeros"), bits, group_size, dtype)
+            for name, (bits, group_size, dtype) in meta.items()}
+
+
+def _quantize_hf_experts(experts: nn.Module, bits: int, group_size: int, symmetric: bool) -> None:
+    """Replaces the experts' weights by packed buffers (``<name>_qweight``, ``<name>_scales``, ``<name>_zeros``),
+    quantized as ``[E, d_in, d_out]`` (HF's ``[E, d_out, d_in]`` read transposed); biases stay float."""
+    if _quantized_weights(experts) is not None:
+        return
+    meta = {}
+    for name in ("gate_up_proj" if experts.has_gate else "up_proj", "down_proj"):
+        weight = getattr(experts, name)
+        in_out = _in_out(weight.detach(), experts.is_transposed)
+        if bits == 4 and in_out.shape[1] % group_size:
+            raise ValueError(f"apply_torchmoe: group_size={group_size} does not divide {type(experts).__name__}."
+                             f"{name}'s reduction width {in_out.shape[1]}; pick a group_size that divides it")
+        qw = quantize_weight(in_out, bits, group_size, symmetric)
+        del experts._parameters[name]
+        experts.register_buffer(f"{name}_qweight", qw.qweight)
+        experts.register_buffer(f"{name}_scales", qw.scales)
+        experts.register_buffer(f"{name}_zeros", qw.zeros)
+        meta[name] = (qw.bits, qw.group_size, weight.dtype)
+    experts._torchmoe_quantized = meta
 
 
 def _in_out(weight: Tensor, is_transposed: bool) -> Tensor:
@@ -120,8 +155,18 @@ def torchmoe_experts_forward(
     indices = top_k_index.reshape(num_tokens, k).long()
     dest, counts = ops.route_plan(indices, self.num_experts)
     is_transposed = self.is_transposed
-    first = self.gate_up_proj if self.has_gate else self.up_proj
-    rows = ops.dispatch(hidden_states.to(first.dtype), dest, num_tokens * k)
+    quantized = _quantized_weights(self)
+    if quantized is None:
+        dtype = (self.gate_up_proj if self.has_gate else self.up_proj).dtype
+        down_dtype = self.down_proj.dtype
+    else:
+        dtype = down_dtype = hidden_states.dtype
+    rows = ops.dispatch(hidden_states.to(dtype), dest, num_tokens * k)
+
+    def product(inputs: Tensor, name: str) -> Tensor:
+        if quantized is not None:
+            return grouped_mm_quantized(inputs, quantized[name], counts)
+        return ops.grouped_mm(inputs, _in_out(getattr(self, name), is_transposed), counts)
 
     row_expert = None
     if self.has_bias:
@@ -130,16 +175,17 @@ def torchmoe_experts_forward(
         row_expert.scatter_(0, dest.reshape(-1), indices.reshape(-1))
 
     if self.has_gate:
-        w1 = _in_out(self.gate_up_proj, is_transposed)  # [E, H, 2I]
         default_gate = getattr(type(self), "_apply_gate", None) is _hf_moe._default_apply_gate
-        if default_gate and row_expert is None and not (torch.is_grad_enabled() and w1.requires_grad):
+        w1 = _in_out(self.gate_up_proj, is_transposed) if quantized is None else None  # [E, H, 2I]
+        if (w1 is not None and default_gate and row_expert is None
+                and not (torch.is_grad_enabled() and w1.requires_grad)):
             # Without a weight gradient, gate and up are two products on column views of the weight, whose
             # outputs feed the activation without copies.
             half = w1.shape[-1] // 2
             gate, up = ops.grouped_mm(rows, w1[..., :half], counts), ops.grouped_mm(rows, w1[..., half:], counts)
         else:
             # One product over [gate; up]: the weight's gradient comes back in the parameter's own layout.
-            hidden = ops.grouped_mm(rows, w1, counts)  # [T*k, 2I]
+            hidden = product(rows, "gate_up_proj")  # [T*k, 2I]
             if row_expert is not None:
                 hidden = hidden + self.gate_up_proj_bias[row_expert]
             if not default_gate:
@@ -149,12 +195,12 @@ def torchmoe_experts_forward(
         if default_gate:
             hidden = ops.swiglu(gate, up) if _is_silu(self.act_fn) else self.act_fn(gate) * up
     else:
-        hidden = ops.grouped_mm(rows, _in_out(self.up_proj, is_transposed), counts)
+        hidden = product(rows, "up_proj")
         if row_expert is not None:
             hidden = hidden + self.up_proj_bias[row_expert]
         hidden = self.act_fn(hidden)
 
-    out = ops.grouped_mm(hidden.to(self.down_proj.dtype), _in_out(self.down_proj, is_transposed), counts)
+    out = product(hidden.to(down_dtype), "down_proj")
     if row_expert is not None:
         out = out + self.down_proj_bias[row_expert]
     if self.has_post_expert_norm:
@@ -360,7 +406,8 @@ def _patched_instance_class(cls: type, forward: Callable) -> type:
     return _instance_classes[key]
 
 
-def _patch_model(model: nn.Module, router: bool, experts: bool) -> nn.Module:
+def _patch_model(model: nn.Module, router: bool, experts: bool, quantize: Optional[str] = None,
+                 group_size: int = 128) -> nn.Module:
     modules = list(model.named_modules())
     experts_modules = [(n, m) for n, m in modules if _is_hf_experts(m)]
     blocks = {n.rpartition(".")[0] for n, _ in experts_modules}
@@ -394,6 +441,11 @@ def _patch_model(model: nn.Module, router: bool, experts: bool) -> nn.Module:
                 stacklevel=3,
             )
 
+    if quantize is not None:
+        bits, symmetric = _QUANTIZE_FORMATS[quantize]
+        for _, module in experts_modules:
+            _quantize_hf_experts(module, bits, group_size, symmetric)
+
     if experts:
         if isinstance(model, _hf_modeling_utils.PreTrainedModel):
             model.set_experts_implementation(BACKEND_NAME)
@@ -425,7 +477,8 @@ def _patch_classes(router: bool, experts: bool) -> None:
         _hf_modeling_utils.PreTrainedModel.get_correct_experts_implementation = _default_torchmoe_experts
 
 
-def apply_torchmoe(model: Optional[nn.Module] = None, *, router: bool = True, experts: bool = True):
+def apply_torchmoe(model: Optional[nn.Module] = None, *, router: bool = True, experts: bool = True,
+                   quantize: Optional[str] = None, group_size: int = 128):
     """Run a transformers MoE model on torchmoe, Liger-style.
 
     Args:
@@ -442,16 +495,31 @@ def apply_torchmoe(model: Optional[nn.Module] = None, *, router: bool = True, ex
         experts: run the experts (every class decorated with ``use_experts_implementation``) on the
             ``"torchmoe"`` backend (``model.set_experts_implementation("torchmoe")``).
 
+        quantize: ``"int8"``, ``"int4"`` (symmetric) or ``"int4_asym"`` (zero points): quantize every experts
+            module's weights in place for serving (:func:`torchmoe.quantize_weight`, weight-only; activations keep
+            the model's dtype) and run them on ``grouped_mm_quantized``. The weights become buffers
+            ``<name>_qweight``, ``<name>_scales`` (and ``<name>_zeros``); the model then computes what it computes
+            with each expert weight replaced by its dequantized value. Needs ``model`` and ``experts=True``; the
+            experts then run on torchmoe only (no other ``experts_implementation``).
+        group_size: int4 reduction rows per scale (must divide the hidden and intermediate sizes).
+
     Shared experts (Qwen2-MoE's sigmoid-gated one, DeepSeek-V3's) stay transformers' modules. Parameter
     names, shapes and ``state_dict`` are unchanged. A model without transformers experts is left untouched
     and a warning names it; a router torchmoe does not serve keeps HF's scoring, with a warning naming it.
     """
+    if quantize is not None:
+        if quantize not in _QUANTIZE_FORMATS:
+            raise ValueError(f"apply_torchmoe: quantize must be one of {sorted(_QUANTIZE_FORMATS)} or None, got "
+                             f"{quantize!r}")
+        if model is None or not experts:
+            raise ValueError("apply_torchmoe: quantize needs a model and experts=True (the quantized experts run on "
+                             "torchmoe's ops)")
     if model is None:
         _patch_classes(router, experts)
         return None
     if not isinstance(model, nn.Module):
         raise TypeError(f"apply_torchmoe: model must be an nn.Module or None, got {type(model).__name__}")
-    return _patch_model(model, router, experts)
+    return _patch_model(model, router, experts, quantize, group_size)
 
 
 def revert_torchmoe() -> None:

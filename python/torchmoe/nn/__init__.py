@@ -9,11 +9,13 @@ All modules take inputs ``[..., d_model]``, are scriptable with ``torch.jit.scri
 - :class:`MoLE` — Mixture of Latent Experts (shared per-group bases); ``MoLE.from_moe`` converts a MoE.
 - :class:`MoLoRA`, :func:`inject_molora` — mixture of LoRA experts around frozen ``nn.Linear`` layers;
   :func:`save_molora` / :func:`load_molora` / :func:`molora_state_dict` / :func:`unload_molora` for the adapters.
+- :func:`quantize_experts` — int8/int4 weight-only experts for serving (:class:`QuantizedMoE`).
 """
 from .lstm_moe import LSTMGatedMoE
 from .moe import MoE, SwitchMoE
 from .mole import MoLE
 from .molora import MoLoRA, inject_molora, load_molora, molora_state_dict, save_molora, unload_molora
+from .quantized import QuantizedMoE, QuantizedSwitchMoE, quantize_experts
 from .router import NoisyTopkRouter, TopkRouter
 
 __all__ = [
@@ -29,4 +31,7 @@ __all__ = [
     "save_molora",
     "load_molora",
     "unload_molora",
+    "quantize_experts",
+    "QuantizedMoE",
+    "QuantizedSwitchMoE",
 ]

@@ -1,0 +1,219 @@
+// grouped_mm_quantized on CPU. Each expert's product is cut into column blocks, and threads take blocks from a
+// shared counter. An expert with at most kQuantizedSkinnyMaxRows rows (float32, bfloat16 or float16 activations)
+// runs quantized_skinny_mm: one pass over its packed weight, dequantized in registers. Other experts (and float64)
+// dequantize one panel of kPanelCols columns at a time into a thread-local buffer of the activations' dtype, and a
+// GEMM multiplies the expert's rows with it (torchmoe's AVX-512 GEMM for float32 where it beats BLAS, else
+// at::mm): no float copy of the whole weight. Panels have a fixed width, so no result depends on the thread count.
+// The backward (grad_x = grad_output @ w^T) runs the same way over panels of kPanelRows reduction rows.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "ops/common/grouped_mm_quantized_checks.h"
+#include "ops/cpu/grouped_tasks.h"
+#include "ops/cpu/output_cache.h"
+#include "ops/cpu/quantized_gemm.h"
+#include "ops/cpu/sgemm.h"
+
+namespace torchmoe::ops {
+namespace {
+
+// Up to this many rows, one pass over the packed weight with the rows' sums in registers beats dequantizing
+// panels for a GEMM.
+constexpr int64_t kQuantizedSkinnyMaxRows = 32;
+constexpr int64_t kPanelCols = 128;
+constexpr int64_t kPanelRows = 128;
+
+struct QuantizedWeights {
+  at::Tensor qweight, scales, zeros;
+  int bits;
+  int64_t group_size, d_in, d_out;
+
+  cpu::QuantizedMatrix expert(int64_t e) const {
+    const int64_t packed_rows = qweight.size(1);
+    return {bits,
+            d_in,
+            d_out,
+            group_size,
+            reinterpret_cast<const uint8_t*>(qweight.const_data_ptr()) + e * packed_rows * d_out,
+            scales.const_data_ptr<float>() + e * scales.size(1) * d_out,
+            zeros.defined() ? zeros.const_data_ptr<uint8_t>() + e * zeros.size(1) * d_out : nullptr};
+  }
+};
+
+QuantizedWeights contiguous_weights(const at::Tensor& qweight, const at::Tensor& scales,
+                                    const std::optional<at::Tensor>& zeros, int64_t bits, int64_t group_size) {
+  const int64_t d_in = bits == 4 ? 2 * qweight.size(1) : qweight.size(1);
+  return {qweight.contiguous(), scales.contiguous(), zeros.has_value() ? zeros->contiguous() : at::Tensor(),
+          static_cast<int>(bits), group_size, d_in, qweight.size(2)};
+}
+
+struct Block {
+  int64_t expert;
+  int64_t begin, end;  // output columns (forward) or reduction rows of w (backward)
+  bool skinny;
+};
+
+bool skinny_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
+
+// Skinny experts' column blocks: about 4 per thread over all of them, whole cache lines of every packed row,
+// widened toward a page of each row while every thread keeps one (as grouped_mm's skinny blocks).
+void add_skinny_blocks(const std::vector<int64_t>& experts, int64_t width, std::vector<Block>& blocks) {
+  if (experts.empty() || width == 0) return;
+  constexpr int64_t kAlign = 64;
+  auto aligned = [&](int64_t n) { return std::max<int64_t>(kAlign, (n + kAlign - 1) / kAlign * kAlign); };
+  const int64_t threads = at::get_num_threads();
+  const int64_t num_experts = static_cast<int64_t>(experts.size());
+  const int64_t per_expert = (4 * threads + num_experts - 1) / num_experts;
+  int64_t chunk = aligned((width + per_expert - 1) / per_expert);
+  constexpr int64_t kPage = 4096;  // bytes, one per column of a packed row
+  if (chunk < kPage) chunk = std::max(chunk, std::min(kPage, aligned(width * num_experts / threads)));
+  for (int64_t e : experts) {
+    for (int64_t j = 0; j < width; j += chunk) blocks.push_back({e, j, std::min(width, j + chunk), true});
+  }
+}
+
+// Thread-local scratch of at least `bytes`.
+void* scratch(size_t bytes) {
+  thread_local std::vector<uint8_t> buffer;
+  if (buffer.size() < bytes) buffer.resize(bytes);
+  return buffer.data();
+}
+
+// float32 rows of x (x itself when float32).
+template <typename T>
+const float* float_rows(const T* x, int64_t rows, int64_t k) {
+  if constexpr (std::is_same_v<T, float>) {
+    return x;
+  } else {
+    thread_local std::vector<float> buffer;
+    buffer.resize(static_cast<size_t>(rows * k));
+    for (int64_t i = 0; i < rows * k; ++i) buffer[i] = static_cast<float>(x[i]);
+    return buffer.data();
+  }
+}
+
+template <typename T>
+void skinny_block(const QuantizedWeights& w, const Block& b, const at::Tensor& x, const std::vector<int64_t>& offsets,
+                  at::Tensor& out) {
+  const int64_t row0 = offsets[b.expert], rows = offsets[b.expert + 1] - row0;
+  const float* xf = float_rows(x.const_data_ptr<T>() + row0 * w.d_in, rows, w.d_in);
+  cpu::quantized_skinny_mm<T>(w.expert(b.expert), rows, b.begin, b.end, xf, w.d_in,
+                              out.mutable_data_ptr<T>() + row0 * w.d_out, w.d_out);
+}
+
+// out[rows of e][:, begin:end] = x rows of e @ w[e][:, begin:end], through a dequantized panel.
+template <typename T>
+void panel_block(const QuantizedWeights& w, const Block& b, const at::Tensor& x, const std::vector<int64_t>& offsets,
+                 at::Tensor& out) {
+  const int64_t row0 = offsets[b.expert], rows = offsets[b.expert + 1] - row0;
+  const int64_t cols = b.end - b.begin;
+  T* panel = static_cast<T*>(scratch(static_cast<size_t>(w.d_in * cols) * sizeof(T)));
+  cpu::dequantize_block<T>(w.expert(b.expert), 0, w.d_in, b.begin, b.end, panel, cols);
+  if constexpr (std::is_same_v<T, float>) {
+    if (cpu::fast_sgemm_available() && !cpu::blas_sgemm_preferred()) {
+      cpu::sgemm(rows, cols, w.d_in, x.const_data_ptr<float>() + row0 * w.d_in, w.d_in, 1, panel, cols, 1,
+                 out.mutable_data_ptr<float>() + row0 * w.d_out + b.begin, w.d_out, /*accumulate=*/false);
+      return;
+    }
+  }
+  auto dst = out.narrow(0, row0, rows).narrow(1, b.begin, cols);
+  at::mm_out(dst, x.narrow(0, row0, rows), at::from_blob(panel, {w.d_in, cols}, x.options()));
+}
+
+// grad_x[rows of e][:, begin:end] = grad_output rows of e @ w[e][begin:end, :]^T.
+template <typename T>
+void panel_block_backward(const QuantizedWeights& w, const Block& b, const at::Tensor& grad_output,
+                          const std::vector<int64_t>& offsets, at::Tensor& grad_x) {
+  const int64_t row0 = offsets[b.expert], rows = offsets[b.expert + 1] - row0;
+  const int64_t len = b.end - b.begin;
+  T* panel = static_cast<T*>(scratch(static_cast<size_t>(len * w.d_out) * sizeof(T)));
+  cpu::dequantize_block<T>(w.expert(b.expert), b.begin, b.end, 0, w.d_out, panel, w.d_out);
+  auto dst = grad_x.narrow(0, row0, rows).narrow(1, b.begin, len);
+  at::mm_out(dst, grad_output.narrow(0, row0, rows), at::from_blob(panel, {len, w.d_out}, grad_output.options()).t());
+}
+
+#define TORCHMOE_QUANTIZED_CALL(dtype, fn, ...)                                         \
+  switch (dtype) {                                                                      \
+    case at::kFloat: fn<float>(__VA_ARGS__); break;                                     \
+    case at::kDouble: fn<double>(__VA_ARGS__); break;                                   \
+    case at::kBFloat16: fn<c10::BFloat16>(__VA_ARGS__); break;                          \
+    case at::kHalf: fn<c10::Half>(__VA_ARGS__); break;                                  \
+    default: TORCH_INTERNAL_ASSERT(false, "grouped_mm_quantized does not take ", dtype); \
+  }
+
+template <typename T>
+void skinny_block_call(const QuantizedWeights& w, const Block& b, const at::Tensor& x,
+                       const std::vector<int64_t>& offsets, at::Tensor& out) {
+  if constexpr (std::is_same_v<T, double>) {
+    TORCH_INTERNAL_ASSERT(false, "float64 has no skinny path");
+  } else {
+    skinny_block<T>(w, b, x, offsets, out);
+  }
+}
+
+at::Tensor grouped_mm_quantized_cpu(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scales,
+                                    const std::optional<at::Tensor>& zeros, const at::Tensor& counts, int64_t bits,
+                                    int64_t group_size) {
+  checks::check_grouped_mm_quantized_forward(x_in, qweight, scales, zeros, counts, bits, group_size);
+  const auto x = x_in.contiguous();
+  const auto w = contiguous_weights(qweight, scales, zeros, bits, group_size);
+  const int64_t n = x.size(0);
+  const auto offsets = cpu::expert_offsets(counts, n, "grouped_mm_quantized");
+  auto out = cpu::empty_output({n, w.d_out}, x.options());
+  if (n == 0 || w.d_out == 0) return out;
+  if (w.d_in == 0) return out.zero_();
+  const bool skinny_ok = skinny_dtype(x.scalar_type());
+  std::vector<int64_t> skinny_experts;
+  std::vector<Block> blocks;
+  for (int64_t e = 0; e + 1 < static_cast<int64_t>(offsets.size()); ++e) {
+    const int64_t rows = offsets[e + 1] - offsets[e];
+    if (rows == 0) continue;
+    if (skinny_ok && rows <= kQuantizedSkinnyMaxRows) {
+      skinny_experts.push_back(e);
+    } else {
+      for (int64_t j = 0; j < w.d_out; j += kPanelCols) blocks.push_back({e, j, std::min(w.d_out, j + kPanelCols), false});
+    }
+  }
+  add_skinny_blocks(skinny_experts, w.d_out, blocks);
+  cpu::run_tasks(blocks, [&](const Block& b) {
+    if (b.skinny) {
+      TORCHMOE_QUANTIZED_CALL(x.scalar_type(), skinny_block_call, w, b, x, offsets, out);
+    } else {
+      TORCHMOE_QUANTIZED_CALL(x.scalar_type(), panel_block, w, b, x, offsets, out);
+    }
+  });
+  return out;
+}
+
+at::Tensor grouped_mm_quantized_backward_cpu(const at::Tensor& grad_output_in, const at::Tensor& qweight,
+                                             const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
+                                             const at::Tensor& counts, int64_t bits, int64_t group_size) {
+  checks::check_grouped_mm_quantized_backward(grad_output_in, qweight, scales, zeros, counts, bits, group_size);
+  const auto grad_output = grad_output_in.contiguous();
+  const auto w = contiguous_weights(qweight, scales, zeros, bits, group_size);
+  const int64_t n = grad_output.size(0);
+  const auto offsets = cpu::expert_offsets(counts, n, "_grouped_mm_quantized_backward");
+  auto grad_x = cpu::empty_output({n, w.d_in}, grad_output.options());
+  if (n == 0 || w.d_in == 0) return grad_x;
+  if (w.d_out == 0) return grad_x.zero_();
+  std::vector<Block> blocks;
+  for (int64_t e = 0; e + 1 < static_cast<int64_t>(offsets.size()); ++e) {
+    if (offsets[e + 1] == offsets[e]) continue;
+    for (int64_t i = 0; i < w.d_in; i += kPanelRows) blocks.push_back({e, i, std::min(w.d_in, i + kPanelRows), false});
+  }
+  cpu::run_tasks(blocks, [&](const Block& b) {
+    TORCHMOE_QUANTIZED_CALL(grad_output.scalar_type(), panel_block_backward, w, b, grad_output, offsets, grad_x);
+  });
+  return grad_x;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torchmoe, CPU, m) {
+  m.impl("grouped_mm_quantized", &grouped_mm_quantized_cpu);
+  m.impl("_grouped_mm_quantized_backward", &grouped_mm_quantized_backward_cpu);
+}
+
+}  // namespace torchmoe::ops

@@ -1,0 +1,51 @@
+// Pieces shared by the grouped products' CPU kernels (grouped_mm, grouped_mm_quantized): the experts' row
+// offsets from counts, and a task list run on the ATen thread pool.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <vector>
+
+#include "ops/common/checks.h"
+#include "ops/cpu/parallel.h"
+
+namespace torchmoe::cpu {
+
+// Validates counts against N and returns each expert's first row.
+inline std::vector<int64_t> expert_offsets(const at::Tensor& counts, int64_t num_rows, const char* op) {
+  const auto c = counts.contiguous();
+  const int64_t* p = c.data_ptr<int64_t>();
+  const int64_t num_experts = c.numel();
+  std::vector<int64_t> offsets(num_experts + 1, 0);
+  for (int64_t e = 0; e < num_experts; ++e) {
+    TORCHMOE_CHECK_ARG(p[e] >= 0, op, "counts", "must be non-negative, got counts[", e, "] = ", p[e]);
+    // Compared before adding: offsets[e] + p[e] could overflow int64 and wrap below num_rows.
+    TORCHMOE_CHECK_ARG(p[e] <= num_rows - offsets[e], op, "counts", "must sum to x.size(0) = ", num_rows,
+                       ", got a partial sum above it after expert ", e, " (counts[", e, "] = ", p[e], ")");
+    offsets[e + 1] = offsets[e] + p[e];
+  }
+  TORCHMOE_CHECK_ARG(offsets[num_experts] == num_rows, op, "counts", "must sum to x.size(0) = ", num_rows,
+                     ", got ", offsets[num_experts]);
+  return offsets;
+}
+
+// Runs fn(task) for every task on the ATen thread pool. Threads take tasks from a shared counter, so
+// uneven tasks (experts of different sizes, grad_x next to grad_weight blocks) still balance; which thread
+// runs a task never changes its result. Workers run with the caller's thread-local state, so the at::mm_out
+// calls inside behave as on the caller.
+template <typename T, typename Fn>
+void run_tasks(const std::vector<T>& tasks, const Fn& fn) {
+  const int64_t num_tasks = static_cast<int64_t>(tasks.size());
+  const int64_t workers = std::min<int64_t>(num_tasks, at::get_num_threads());
+  std::atomic<int64_t> next{0};
+  parallel_for_as_caller(0, workers, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      for (int64_t t = next.fetch_add(1); t < num_tasks; t = next.fetch_add(1)) fn(tasks[t]);
+    }
+  });
+}
+
+}  // namespace torchmoe::cpu
