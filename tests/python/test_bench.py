@@ -62,3 +62,18 @@ def test_copy_is_timed_on_each_case_bytes(monkeypatch):
     monkeypatch.setattr(bench, "COPY_CAP", 4096)
     bench.run(["--quick", "--no-compile", "--reps", "1", "--only", "swiglu"])
     assert seen == [(4096, False), (4096, True)]
+
+
+def test_decode_benchmark_quick_run_every_dtype():
+    # bench_decode checks every baseline against the layer before timing it (torch's int8/int4 weight-only loops
+    # on the same quantized values, F.grouped_mm on the float ones), then prints a row per dtype and size.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_decode.py"
+    out = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for dtype in ("float32", "bfloat16", "int8", "int4"):
+        assert f"| {dtype} | 1 |" in out.stdout and f"| {dtype} | 40 |" in out.stdout
+    assert "torch int4 loop" in out.stdout and "lowest 'of roof'" in out.stdout
