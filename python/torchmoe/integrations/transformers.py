@@ -174,8 +174,28 @@ _hf_moe.ExpertsInterface.register(BACKEND_NAME, torchmoe_experts_forward)
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _hf_router_forward(router: nn.Module) -> Callable:
+    """The transformers forward a patched router replaces (class patching keeps it in ``_patched_classes``,
+    instance patching in the base class)."""
+    for cls in type(router).__mro__:
+        if cls in _patched_classes:
+            return _patched_classes[cls]
+        forward = cls.__dict__.get("forward")
+        if forward is not None and not getattr(forward, "_torchmoe_router", False):
+            return forward
+    raise TypeError(f"{type(router).__name__}: no transformers forward found")  # unreachable for HF routers
+
+
+def _topk_served(router: nn.Module) -> bool:
+    """``0 < k <= E``: topk_gating's range. HF's forward takes every other k (k = 0 returns empty selections,
+    k > E raises its own error), so those configurations run HF's forward."""
+    return 0 < router.top_k <= router.weight.shape[0]
+
+
 def _mixtral_router_forward(self, hidden_states):
     """Mixtral: softmax over all experts in float32, top-k, renormalized; float32 weights."""
+    if not _topk_served(self):
+        return _hf_router_forward(self)(self, hidden_states)
     hidden_states = hidden_states.reshape(-1, self.hidden_dim)
     router_logits = F.linear(hidden_states, self.weight)
     weights, indices = ops.topk_gating(router_logits.float(), self.top_k, "softmax", True)
@@ -185,6 +205,8 @@ def _mixtral_router_forward(self, hidden_states):
 def _softmax_router_forward(self, hidden_states):
     """Qwen2-MoE / Qwen3-MoE / OLMoE: float32 softmax, top-k, renormalized iff ``norm_topk_prob``; weights in
     the logits' dtype."""
+    if not _topk_served(self):
+        return _hf_router_forward(self)(self, hidden_states)
     hidden_states = hidden_states.reshape(-1, self.hidden_dim)
     router_logits = F.linear(hidden_states, self.weight)
     weights, indices = ops.topk_gating(router_logits.float(), self.top_k, "softmax", bool(self.norm_topk_prob))
@@ -193,6 +215,8 @@ def _softmax_router_forward(self, hidden_states):
 
 def _topk_softmax_router_forward(self, hidden_states):
     """GraniteMoE: top-k of the float32 logits, softmax over the k (= renormalized softmax)."""
+    if not _topk_served(self):
+        return _hf_router_forward(self)(self, hidden_states)
     router_logits = F.linear(hidden_states, self.weight).float()
     weights, indices = ops.topk_gating(router_logits, self.top_k, "softmax", True)
     return router_logits, weights.type_as(hidden_states), indices
@@ -200,22 +224,50 @@ def _topk_softmax_router_forward(self, hidden_states):
 
 def _biased_topk_softmax_router_forward(self, hidden_states):
     """GPT-OSS: linear with bias, top-k of the logits, softmax over the k in the logits' dtype."""
+    # HF's softmax runs over dim 1, which is the k selections only for [tokens, hidden] input.
+    if hidden_states.dim() != 2 or not _topk_served(self):
+        return _hf_router_forward(self)(self, hidden_states)
     router_logits = F.linear(hidden_states, self.weight, self.bias)
     weights, indices = ops.topk_gating(router_logits, self.top_k, "softmax", True)
     return router_logits, weights, indices
+
+
+# Score-correction bias dtypes whose sum with the float32 scores HF computes in float32, as topk_gating does
+# (a float64 bias makes HF select in float64).
+_FLOAT32_SELECTION_BIAS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _grouped_sigmoid_served(router: nn.Module) -> bool:
+    """The DeepSeek-V3 configurations topk_gating selects exactly as HF does: ``n_group`` divides E into groups
+    of at least two experts, ``1 <= topk_group <= n_group``, ``0 < k <=`` the experts of the ``topk_group``
+    groups, and a float32/16-bit bias. HF also accepts a k beyond the experts of the chosen groups (it then
+    adds masked experts in an order of its own), ``topk_group = 0`` and a float64 bias."""
+    num_experts = router.weight.shape[0]
+    groups, topk_groups, k = router.num_group, router.topk_group, router.top_k
+    if not (isinstance(groups, int) and isinstance(topk_groups, int) and isinstance(k, int)):
+        return False
+    if groups < 1 or num_experts % groups != 0 or num_experts // groups < 2 or not 1 <= topk_groups <= groups:
+        return False
+    bias = router.e_score_correction_bias
+    return 0 < k <= topk_groups * (num_experts // groups) and bias.dtype in _FLOAT32_SELECTION_BIAS
 
 
 def _deepseek_v3_router_forward(self, hidden_states):
     """DeepSeek-V3: float32 sigmoid scores, selection by score + ``e_score_correction_bias`` within the best
     ``topk_group`` of ``n_group`` groups, weights renormalized iff ``norm_topk_prob``, times
     ``routed_scaling_factor``."""
+    if not _grouped_sigmoid_served(self):
+        return _hf_router_forward(self)(self, hidden_states)
     hidden_states = hidden_states.view(-1, self.hidden_dim)
     router_logits = F.linear(hidden_states.type(torch.float32), self.weight.type(torch.float32))
     weights, indices = ops.topk_gating(
-        router_logits, self.top_k, "sigmoid", bool(self.norm_topk_prob), self.e_score_correction_bias.float(),
-        int(self.num_group), int(self.topk_group), float(self.routed_scaling_factor),
+        router_logits, self.top_k, "sigmoid", False, self.e_score_correction_bias.float(),
+        self.num_group, self.topk_group, 1.0,
     )
-    return router_logits, weights, indices
+    # HF's normalization as written (its epsilon keeps rows whose scores all underflow to 0 at 0, not NaN).
+    if self.norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return router_logits, weights * self.routed_scaling_factor, indices
 
 
 # (family, HF router class) whose forward defines a routing rule, and torchmoe's forward for it. Any router
