@@ -240,16 +240,18 @@ _FLOAT32_SELECTION_BIAS = (torch.float32, torch.bfloat16, torch.float16)
 def _grouped_sigmoid_served(router: nn.Module) -> bool:
     """The DeepSeek-V3 configurations topk_gating selects exactly as HF does: ``n_group`` divides E into groups
     of at least two experts, ``1 <= topk_group <= n_group``, ``0 < k <=`` the experts of the ``topk_group``
-    groups, and a float32/16-bit bias. HF also accepts a k beyond the experts of the chosen groups (it then
-    adds masked experts in an order of its own), ``topk_group = 0`` and a float64 bias."""
+    groups or ``k = E`` (every expert, whichever groups win), and a float32/16-bit bias. HF also accepts a k
+    between the experts of the chosen groups and E (it then adds masked experts in an order of its own),
+    ``topk_group = 0`` and a float64 bias."""
     num_experts = router.weight.shape[0]
     groups, topk_groups, k = router.num_group, router.topk_group, router.top_k
     if not (isinstance(groups, int) and isinstance(topk_groups, int) and isinstance(k, int)):
         return False
     if groups < 1 or num_experts % groups != 0 or num_experts // groups < 2 or not 1 <= topk_groups <= groups:
         return False
-    bias = router.e_score_correction_bias
-    return 0 < k <= topk_groups * (num_experts // groups) and bias.dtype in _FLOAT32_SELECTION_BIAS
+    if router.e_score_correction_bias.dtype not in _FLOAT32_SELECTION_BIAS:
+        return False
+    return 0 < k <= topk_groups * (num_experts // groups) or k == num_experts
 
 
 def _deepseek_v3_router_forward(self, hidden_states):
@@ -260,9 +262,11 @@ def _deepseek_v3_router_forward(self, hidden_states):
         return _hf_router_forward(self)(self, hidden_states)
     hidden_states = hidden_states.view(-1, self.hidden_dim)
     router_logits = F.linear(hidden_states.type(torch.float32), self.weight.type(torch.float32))
+    # k = E selects every expert: the groups change only HF's order of the selections, not what is selected.
+    every_expert = self.top_k == router_logits.shape[-1]
     weights, indices = ops.topk_gating(
         router_logits, self.top_k, "sigmoid", False, self.e_score_correction_bias.float(),
-        self.num_group, self.topk_group, 1.0,
+        1 if every_expert else self.num_group, 1 if every_expert else self.topk_group, 1.0,
     )
     # HF's normalization as written (its epsilon keeps rows whose scores all underflow to 0 at 0, not NaN).
     if self.norm_topk_prob:
