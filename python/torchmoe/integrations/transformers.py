@@ -494,7 +494,11 @@ def apply_torchmoe(model: Optional[nn.Module] = None, *, router: bool = True, ex
             ``e_score_correction_bias`` + ``n_group``/``topk_group`` + ``routed_scaling_factor``, and every
             other family's router with the same code, see :func:`supported_router_classes`). A patched router
             returns exactly what HF's returns, ``(router_logits, top_k_weights, top_k_index)``, so
-            ``output_router_logits=True``, the aux loss and HF's output recording keep working.
+            ``output_router_logits=True``, the aux loss and HF's output recording keep working. Configurations
+            that ``topk_gating`` does not compute exactly as HF (``k`` outside ``0 < k <= E``; DeepSeek-V3 with
+            ``k`` between the experts of the ``topk_group`` groups and E, ``topk_group = 0``, groups of one
+            expert or a float64 ``e_score_correction_bias``; GPT-OSS's router called on non-2-D input) run
+            HF's own router forward.
         experts: run the experts (every class decorated with ``use_experts_implementation``) on the
             ``"torchmoe"`` backend (``model.set_experts_implementation("torchmoe")``).
 
