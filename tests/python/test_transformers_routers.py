@@ -330,3 +330,59 @@ def test_every_served_router_class_in_the_gap_configurations(gap, dtype):
         except Exception as e:  # collect every class, then fail naming them
             failures.append(f"{qualified}: {type(e).__name__}: {str(e)[:200]}")
     assert not failures, "\n".join(failures)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Whole models in the degenerate configurations: transformers' own DeepSeek-V3 test config and k = 0 / k = E
+# ---------------------------------------------------------------------------------------------------------
+
+def _deepseek_test_model(k):
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    # transformers' DeepSeek-V3 model-test config (8 experts, n_group=2, topk_group=1, k=8), k varied
+    config = DeepseekV3Config(
+        vocab_size=99, hidden_size=32, intermediate_size=32, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=8,
+        routed_scaling_factor=2.5, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=16, v_head_dim=32,
+        qk_nope_head_dim=32, n_group=2, topk_group=1, num_experts_per_tok=k, first_k_dense_replace=1,
+        norm_topk_prob=True, pad_token_id=0)
+    return config, DeepseekV3ForCausalLM
+
+
+def _mixtral_model(k):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=16, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=k)
+    return config, MixtralForCausalLM
+
+
+@pytest.mark.parametrize("build,k,router_op", [(_deepseek_test_model, 8, True), (_deepseek_test_model, 5, False),
+                                               (_mixtral_model, 4, True), (_mixtral_model, 0, False)])
+def test_degenerate_models_equal_hf(build, k, router_op):
+    config, cls = build(k)
+    config.output_router_logits = True
+    torch.manual_seed(0)
+    ref_model = cls._from_config(config, attn_implementation="eager", experts_implementation="eager")
+    with torch.no_grad():
+        for name, b in ref_model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0.0, 0.1)
+    model = tm_hf.apply_torchmoe(copy.deepcopy(ref_model))
+    ids = torch.randint(1, config.vocab_size, (3, 7), generator=torch.Generator().manual_seed(1))
+    ref = ref_model(input_ids=ids, labels=ids)
+    ref.loss.backward()
+    with OpRecorder() as rec:
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+    assert ("topk_gating" in rec.ops) == router_op and "grouped_mm" in rec.ops
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-5)
+    assert len(out.router_logits) == len(ref.router_logits) > 0
+    for a, b in zip(out.router_logits, ref.router_logits):  # later layers carry the experts' rounding
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    ref_grads = dict(ref_model.named_parameters())
+    for name, p in model.named_parameters():
+        if ref_grads[name].grad is None:
+            assert p.grad is None or not p.grad.any(), name
+        else:
+            torch.testing.assert_close(p.grad, ref_grads[name].grad, rtol=1e-4, atol=1e-5, msg=name)
