@@ -220,8 +220,28 @@ _hf_moe.ExpertsInterface.register(BACKEND_NAME, torchmoe_experts_forward)
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _hf_router_forward(router: nn.Module) -> Callable:
+    """The transformers forward a patched router replaces (class patching keeps it in ``_patched_classes``,
+    instance patching in the base class)."""
+    for cls in type(router).__mro__:
+        if cls in _patched_classes:
+            return _patched_classes[cls]
+        forward = cls.__dict__.get("forward")
+        if forward is not None and not getattr(forward, "_torchmoe_router", False):
+            return forward
+    raise TypeError(f"{type(router).__name__}: no transformers forward found")  # unreachable for HF routers
+
+
+def _topk_served(router: nn.Module) -> bool:
+    """``0 < k <= E``: topk_gating's range. HF's forward takes every other k (k = 0 returns empty selections,
+    k > E raises its own error), so those configurations run HF's forward."""
+    return 0 < router.top_k <= router.weight.shape[0]
+
+
 def _mixtral_router_forward(self, hidden_states):
     """Mixtral: softmax over all experts in float32, top-k, renormalized; float32 weights."""
+    if not _topk_served(self):
+        return _hf_router_forward(self)(self, hidden_states)
     hidden_states = hidden_states.reshape(-1, self.hidden_dim)
     router_logits = F.linear(hidden_states, self.weight)
     weights, indices = ops.topk_gating(router_logits.float(), self.top_k, "softmax", True)
@@ -231,6 +251,8 @@ def _mixtral_router_forward(self, hidden_states):
 def _softmax_router_forward(self, hidden_states):
     """Qwen2-MoE / Qwen3-MoE / OLMoE: float32 softmax, top-k, renormalized iff ``norm_topk_prob``; weights in
     the logits' dtype."""
+    if not _topk_served(self):
+        return _hf_router_forward(self)(self, hidden_states)
     hidden_states = hidden_states.reshape(-1, self.hidden_dim)
     router_logits = F.linear(hidden_states, self.weight)
     weights, indices = ops.topk_gating(router_logits.float(), self.top_k, "softmax", bool(self.norm_topk_prob))
@@ -239,6 +261,8 @@ def _softmax_router_forward(self, hidden_states):
 
 def _topk_softmax_router_forward(self, hidden_states):
     """GraniteMoE: top-k of the float32 logits, softmax over the k (= renormalized softmax)."""
+    if not _topk_served(self):
+        return _hf_router_forward(self)(self, hidden_states)
     router_logits = F.linear(hidden_states, self.weight).float()
     weights, indices = ops.topk_gating(router_logits, self.top_k, "softmax", True)
     return router_logits, weights.type_as(hidden_states), indices
@@ -246,22 +270,54 @@ def _topk_softmax_router_forward(self, hidden_states):
 
 def _biased_topk_softmax_router_forward(self, hidden_states):
     """GPT-OSS: linear with bias, top-k of the logits, softmax over the k in the logits' dtype."""
+    # HF's softmax runs over dim 1, which is the k selections only for [tokens, hidden] input.
+    if hidden_states.dim() != 2 or not _topk_served(self):
+        return _hf_router_forward(self)(self, hidden_states)
     router_logits = F.linear(hidden_states, self.weight, self.bias)
     weights, indices = ops.topk_gating(router_logits, self.top_k, "softmax", True)
     return router_logits, weights, indices
+
+
+# Score-correction bias dtypes whose sum with the float32 scores HF computes in float32, as topk_gating does
+# (a float64 bias makes HF select in float64).
+_FLOAT32_SELECTION_BIAS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _grouped_sigmoid_served(router: nn.Module) -> bool:
+    """The DeepSeek-V3 configurations topk_gating selects exactly as HF does: ``n_group`` divides E into groups
+    of at least two experts, ``1 <= topk_group <= n_group``, ``0 < k <=`` the experts of the ``topk_group``
+    groups or ``k = E`` (every expert, whichever groups win), and a float32/16-bit bias. HF also accepts a k
+    between the experts of the chosen groups and E (it then adds masked experts in an order of its own),
+    ``topk_group = 0`` and a float64 bias."""
+    num_experts = router.weight.shape[0]
+    groups, topk_groups, k = router.num_group, router.topk_group, router.top_k
+    if not (isinstance(groups, int) and isinstance(topk_groups, int) and isinstance(k, int)):
+        return False
+    if groups < 1 or num_experts % groups != 0 or num_experts // groups < 2 or not 1 <= topk_groups <= groups:
+        return False
+    if router.e_score_correction_bias.dtype not in _FLOAT32_SELECTION_BIAS:
+        return False
+    return 0 < k <= topk_groups * (num_experts // groups) or k == num_experts
 
 
 def _deepseek_v3_router_forward(self, hidden_states):
     """DeepSeek-V3: float32 sigmoid scores, selection by score + ``e_score_correction_bias`` within the best
     ``topk_group`` of ``n_group`` groups, weights renormalized iff ``norm_topk_prob``, times
     ``routed_scaling_factor``."""
+    if not _grouped_sigmoid_served(self):
+        return _hf_router_forward(self)(self, hidden_states)
     hidden_states = hidden_states.view(-1, self.hidden_dim)
     router_logits = F.linear(hidden_states.type(torch.float32), self.weight.type(torch.float32))
+    # k = E selects every expert: the groups change only HF's order of the selections, not what is selected.
+    every_expert = self.top_k == router_logits.shape[-1]
     weights, indices = ops.topk_gating(
-        router_logits, self.top_k, "sigmoid", bool(self.norm_topk_prob), self.e_score_correction_bias.float(),
-        int(self.num_group), int(self.topk_group), float(self.routed_scaling_factor),
+        router_logits, self.top_k, "sigmoid", False, self.e_score_correction_bias.float(),
+        1 if every_expert else self.num_group, 1 if every_expert else self.topk_group, 1.0,
     )
-    return router_logits, weights, indices
+    # HF's normalization as written (its epsilon keeps rows whose scores all underflow to 0 at 0, not NaN).
+    if self.norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return router_logits, weights * self.routed_scaling_factor, indices
 
 
 # (family, HF router class) whose forward defines a routing rule, and torchmoe's forward for it. Any router
@@ -491,7 +547,11 @@ def apply_torchmoe(model: Optional[nn.Module] = None, *, router: bool = True, ex
             ``e_score_correction_bias`` + ``n_group``/``topk_group`` + ``routed_scaling_factor``, and every
             other family's router with the same code, see :func:`supported_router_classes`). A patched router
             returns exactly what HF's returns, ``(router_logits, top_k_weights, top_k_index)``, so
-            ``output_router_logits=True``, the aux loss and HF's output recording keep working.
+            ``output_router_logits=True``, the aux loss and HF's output recording keep working. Configurations
+            that ``topk_gating`` does not compute exactly as HF (``k`` outside ``0 < k <= E``; DeepSeek-V3 with
+            ``k`` between the experts of the ``topk_group`` groups and E, ``topk_group = 0``, groups of one
+            expert or a float64 ``e_score_correction_bias``; GPT-OSS's router called on non-2-D input) run
+            HF's own router forward.
         experts: run the experts (every class decorated with ``use_experts_implementation``) on the
             ``"torchmoe"`` backend (``model.set_experts_implementation("torchmoe")``).
 
