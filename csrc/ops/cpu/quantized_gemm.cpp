@@ -87,9 +87,10 @@ constexpr int kMaxGroupRows = 8;
 template <int RB>
 constexpr int kVectors = RB == 1 ? 16 : RB == 2 ? 8 : RB <= 4 ? 4 : 2;
 
-// Reduction rows per k-block: 16 packed rows (16 sequential streams for the prefetcher) of either width.
+// Packed rows per k-block (reduction rows: 16 for 8 bits, 32 for 4 bits).
+constexpr int64_t kPackedBlockRows = 16;
 template <int BITS>
-constexpr int64_t kBlockRows = BITS == 8 ? 16 : 32;
+constexpr int64_t kBlockRows = BITS == 8 ? kPackedBlockRows : 2 * kPackedBlockRows;
 
 struct BlockArgs {
   const QuantizedMatrix* w;
@@ -121,19 +122,20 @@ TORCHMOE_QGEMM_AVX512 void qstrip(const BlockArgs& a, int64_t j, int64_t cols, f
       acc[r][v] = a.group_first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(masks[v], gacc + r * width + 16 * v);
     }
   }
+  // The strip's lines of the packed row one block ahead: a thread's reads are short runs of many rows, which the
+  // hardware prefetcher alone leaves at about half the read bandwidth.
+  constexpr int kLines = (16 * NV + 63) / 64;
+  constexpr int64_t kAheadRows = kPackedBlockRows;
   if constexpr (BITS == 8) {
     for (int64_t p = a.p0; p < a.p0 + a.kb; ++p) {
       const int8_t* qr = reinterpret_cast<const int8_t*>(w.q) + p * w.n + j;
-      __m512 wv[NV];
+#pragma GCC unroll 16
+      for (int l = 0; l < kLines; ++l) _mm_prefetch(reinterpret_cast<const char*>(qr + kAheadRows * w.n) + 64 * l, _MM_HINT_T0);
 #pragma GCC unroll 16
       for (int v = 0; v < NV; ++v) {
-        wv[v] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(masks[v], qr + 16 * v)));
-      }
+        const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(masks[v], qr + 16 * v)));
 #pragma GCC unroll 8
-      for (int r = 0; r < RB; ++r) {
-        const __m512 xv = _mm512_set1_ps(a.x[r * a.ldx + p]);
-#pragma GCC unroll 16
-        for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(xv, wv[v], acc[r][v]);
+        for (int r = 0; r < RB; ++r) acc[r][v] = _mm512_fmadd_ps(_mm512_set1_ps(a.x[r * a.ldx + p]), wv, acc[r][v]);
       }
     }
   } else {
@@ -141,6 +143,8 @@ TORCHMOE_QGEMM_AVX512 void qstrip(const BlockArgs& a, int64_t j, int64_t cols, f
                               : _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
     for (int64_t p = a.p0; p < a.p0 + a.kb; p += 2) {
       const uint8_t* qr = w.q + (p >> 1) * w.n + j;
+#pragma GCC unroll 16
+      for (int l = 0; l < kLines; ++l) _mm_prefetch(reinterpret_cast<const char*>(qr + kAheadRows * w.n) + 64 * l, _MM_HINT_T0);
 #pragma GCC unroll 16
       for (int v = 0; v < NV; ++v) {
         const __m512i b = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(masks[v], qr + 16 * v));
@@ -267,11 +271,84 @@ inline void dequantize_row(const QuantizedMatrix& w, int64_t p, int64_t j0, int6
 }
 
 #if TORCHMOE_HAVE_QGEMM_AVX512
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// 16 float32 values to T, rounded to nearest even as c10's conversions round.
+TORCHMOE_QGEMM_AVX512 inline void store16(float* dst, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(dst, m, v); }
+TORCHMOE_QGEMM_AVX512 inline void store16(double* dst, __m512 v, __mmask16 m) {
+  _mm512_mask_storeu_pd(dst, static_cast<__mmask8>(m), _mm512_cvtps_pd(_mm512_castps512_ps256(v)));
+  _mm512_mask_storeu_pd(dst + 8, static_cast<__mmask8>(m >> 8), _mm512_cvtps_pd(_mm256_castpd_ps(
+      _mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
+}
+TORCHMOE_QGEMM_AVX512 inline void store16(c10::BFloat16* dst, __m512 v, __mmask16 m) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  _mm256_mask_storeu_epi16(dst, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+}
+TORCHMOE_QGEMM_AVX512 inline void store16(c10::Half* dst, __m512 v, __mmask16 m) {
+  _mm256_mask_storeu_epi16(dst, m, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+// 16 columns of row p as float32: scale * (code - zero).
+template <int BITS, bool Asym, bool Odd>
+TORCHMOE_QGEMM_AVX512 inline __m512 dequantize16(const uint8_t* q, const float* s, const uint8_t* z, __mmask16 m,
+                                                 __m512 table) {
+  __m512 code;
+  if constexpr (BITS == 8) {
+    code = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, q)));
+  } else {
+    __m512i b = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, q));
+    if constexpr (Odd) b = _mm512_srli_epi32(b, 4);
+    code = _mm512_permutexvar_ps(b, table);  // the permute reads the low 4 bits of each lane
+    if constexpr (Asym) code = _mm512_sub_ps(code, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, z))));
+  }
+  return _mm512_mul_ps(_mm512_maskz_loadu_ps(m, s), code);
+}
+
+template <typename T, int BITS, bool Asym, bool Odd>
+TORCHMOE_QGEMM_AVX512 void dequantize_row_avx512(const uint8_t* q, const float* s, const uint8_t* z, int64_t cols,
+                                                 T* out) {
+  // the symmetric 4-bit table holds code - 8 already
+  const __m512 table = Asym ? _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
+                            : _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+  int64_t j = 0;
+  for (; j + 16 <= cols; j += 16) {
+    store16(out + j, dequantize16<BITS, Asym, Odd>(q + j, s + j, z + j, 0xFFFF, table), 0xFFFF);
+  }
+  if (j < cols) {
+    const __mmask16 m = lane_mask(cols - j);
+    store16(out + j, dequantize16<BITS, Asym, Odd>(q + j, s + j, z + j, m, table), m);
+  }
+}
+
+// dequantize_row in vectors of 16 columns.
 template <typename T>
 TORCHMOE_QGEMM_AVX512 void dequantize_block_avx512(const QuantizedMatrix& w, int64_t p0, int64_t p1, int64_t j0,
                                                    int64_t j1, T* dst, int64_t ldd) {
-  for (int64_t p = p0; p < p1; ++p) dequantize_row(w, p, j0, j1, dst + (p - p0) * ldd);
+  const int64_t n = w.n, group_size = w.group_size, cols = j1 - j0;
+  const uint8_t* zeros = w.zeros;
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t g = p / group_size;
+    const float* s = w.scales + g * n + j0;
+    const uint8_t* z = zeros != nullptr ? zeros + g * n + j0 : nullptr;
+    T* out = dst + (p - p0) * ldd;
+    if (w.bits == 8) {
+      dequantize_row_avx512<T, 8, false, false>(w.q + p * n + j0, s, z, cols, out);
+      continue;
+    }
+    const uint8_t* q = w.q + (p >> 1) * n + j0;
+    if (z != nullptr) {
+      (p & 1) ? dequantize_row_avx512<T, 4, true, true>(q, s, z, cols, out)
+              : dequantize_row_avx512<T, 4, true, false>(q, s, z, cols, out);
+    } else {
+      (p & 1) ? dequantize_row_avx512<T, 4, false, true>(q, s, z, cols, out)
+              : dequantize_row_avx512<T, 4, false, false>(q, s, z, cols, out);
+    }
+  }
 }
+#pragma GCC diagnostic pop
 #endif
 
 }  // namespace
