@@ -16,7 +16,9 @@ The experts backend runs ``route_plan -> dispatch -> grouped_mm -> swiglu (or th
 as its transpose, ``is_transposed`` layouts as they are), so gradients land in the model's parameters and
 the checkpoint never changes. Biases (``has_bias``), a model's own ``_apply_gate`` (e.g. GPT-OSS's
 interleaved, clamped SwiGLU), non-gated experts (``has_gate=False``) and ``post_expert_norm`` are served.
-Expert-parallel experts (``_is_expert_parallel``), non-floating (quantized) weights and devices torchmoe was
+``apply_torchmoe(model, quantize="int8" | "int4" | "int4_asym")`` quantizes the experts' weights in place and serves
+them on ``grouped_mm_quantized``. Expert-parallel experts (``_is_expert_parallel``), weights quantized by other
+libraries (non-floating parameters) and devices torchmoe was
 not built for fall back to transformers' eager experts with a one-time warning.
 """
 import ast
