@@ -22,7 +22,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from . import ops
-from .nn.moe import _ACTIVATIONS, MoE, pack_kept_rows
+from .nn.moe import _ACTIVATIONS, MoE, SharedExpert, pack_kept_rows
 
 __all__ = ["all_to_all", "ExpertParallelMoE", "shard_experts", "expert_parameters", "allreduce_gradients",
            "clip_grad_norm_"]
@@ -501,6 +501,9 @@ class ExpertParallelMoE(MoE):
         shared = self.shared_expert
         if shared is None:
             return None, None
+        if type(shared) is not SharedExpert or shared._forward_pre_hooks or shared._forward_hooks:
+            # wrapped (FSDP2's fully_shard unshards in a forward hook): called whole, during the first exchange
+            return (lambda: shared(h)), (lambda out: out)
         return (lambda: shared.hidden(h)), (lambda hidden: shared.output(h, hidden))
 
     def _local_experts(self, rows: Tensor, counts_by_source: Tensor) -> Tensor:
@@ -654,7 +657,8 @@ def _shard_dims(param: Tensor, name: str) -> Tuple[Optional[DeviceMesh], Tuple[i
         return None, ()
     if any(p.is_partial() for p in param.placements):
         raise ValueError(f"clip_grad_norm_: parameter {name} has a Partial placement; reduce it first")
-    return param.device_mesh, tuple(i for i, p in enumerate(param.placements) if p.is_shard())
+    # Shard, and FSDP2's _StridedShard (which is no Shard subclass): anything but Replicate
+    return param.device_mesh, tuple(i for i, p in enumerate(param.placements) if not p.is_replicate())
 
 
 def clip_grad_norm_(model: Union[nn.Module, Iterable[Tensor]], max_norm: float, norm_type: float = 2.0,
