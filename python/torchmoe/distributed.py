@@ -25,7 +25,7 @@ from . import ops
 from .nn.moe import _ACTIVATIONS, MoE, SharedExpert, pack_kept_rows
 
 __all__ = ["all_to_all", "ExpertParallelMoE", "shard_experts", "expert_parameters", "allreduce_gradients",
-           "clip_grad_norm_"]
+           "clip_grad_norm_", "fully_shard_expert_parallel"]
 
 # dtype codes for the per-forward agreement check (ranks must exchange rows of one dtype)
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -420,6 +420,8 @@ class ExpertParallelMoE(MoE):
         return [float(ok), float(dim), float(code)]
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.compiler.is_compiling() and self.world_size > 1:
+            return self._forward_traced(x)
         problem = self._input_problem(x)
         if self.pad_to_capacity:
             return self._forward_padded(x, problem)
@@ -557,6 +559,60 @@ class ExpertParallelMoE(MoE):
             y = y + shared
         return self._finish(x, y, logits, indices, counts, dropped)
 
+    def _forward_traced(self, x: Tensor) -> Tensor:
+        """The forward under torch.compile: the same math on functional collectives (traceable, differentiable;
+        the compiler places the waits). The input is checked locally, at trace time (shapes and dtypes are
+        static there); the split sizes (and, padded, the group's capacity) are values from the other ranks:
+        compile with ``torch._dynamo.config.capture_scalar_outputs = True``."""
+        from torch.distributed import _functional_collectives as funcol
+
+        problem = self._input_problem(x)
+        if problem:
+            raise ValueError(f"ExpertParallelMoE (rank {self.rank}): {problem}")
+        W, El, E, d = self.world_size, self.num_local_experts, self.num_experts, self.d_model
+        h = x.reshape(-1, d)
+        weights, indices, logits = self.router(h)
+        shared = self.shared_expert(h) if self.shared_expert is not None else None
+        if self.pad_to_capacity:
+            cap = ops.capacity(h.shape[0], E, self.k, self.capacity_factor, self.min_capacity)
+            caps = funcol.all_gather_tensor(torch.tensor([cap], device=h.device), 0, self.group)
+            C = int(caps.max().item())  # the largest local capacity in the group
+            torch._check(C >= cap)
+            # route_plan takes its capacity as a plain int: the dropless plan has the same queues in the same
+            # order (dest = start(e) + pos); keep pos < the local capacity, placed in buffers of C rows.
+            dropless, counts = ops.route_plan(indices, E, -1)
+            pos = dropless - (torch.cumsum(counts, 0) - counts)[indices]
+            dest = torch.where(pos < cap, indices * C + pos, -1)
+            dropped = (dest < 0).sum()
+            buf = ops.dispatch(h, dest, E * C)
+            received = funcol.all_to_all_single_autograd(buf, None, None, self.group)
+            expert_in = received.view(W, El, C, d).transpose(0, 1).reshape(El, W * C, d)
+            out = self._experts_batched(expert_in).view(El, W, C, d).transpose(0, 1).reshape(E * C, d)
+            returned = funcol.all_to_all_single_autograd(out, None, None, self.group)
+        else:
+            if self.capacity_factor is None:
+                dest, counts = ops.route_plan(indices, E, -1)
+                send_counts = counts
+                dropped = torch.zeros((), dtype=torch.long, device=h.device)
+            else:
+                cap = ops.capacity(h.shape[0], E, self.k, self.capacity_factor, self.min_capacity)
+                dest, counts = ops.route_plan(indices, E, cap)
+                dropped = (dest < 0).sum()
+                send_counts, dest = pack_kept_rows(dest, counts, cap)
+            recv_counts = funcol.all_to_all_single(send_counts, None, None, self.group).view(W, El)
+            send_splits = send_counts.view(W, El).sum(1).tolist()
+            recv_splits = recv_counts.sum(1).tolist()
+            for n in send_splits + recv_splits:
+                torch._check_is_size(n)
+            rows = ops.dispatch(h, dest, sum(send_splits))
+            received_rows = funcol.all_to_all_single_autograd(rows, recv_splits, send_splits, self.group)
+            out = self._local_experts(received_rows, recv_counts)
+            returned = funcol.all_to_all_single_autograd(out, send_splits, recv_splits, self.group)
+        y = ops.combine(returned, dest, weights)
+        if shared is not None:
+            y = y + shared
+        return self._finish(x, y, logits, indices, counts, dropped)
+
     def global_expert_counts(self, counts: Optional[Tensor] = None) -> Tensor:
         """``counts`` (default: :attr:`expert_counts` of the last forward) summed over the group: ``[E]`` int64."""
         counts = self.expert_counts if counts is None else counts
@@ -601,6 +657,42 @@ def shard_experts(model: nn.Module, mesh: Optional[DeviceMesh] = None, *, group=
         converted = shard_experts(child, mesh, group=group, pad_to_capacity=pad_to_capacity)
         if converted is not child:
             setattr(model, name, converted)
+    return model
+
+
+def fully_shard_expert_parallel(model: nn.Module, mesh: DeviceMesh, *, dp_dim: str = "dp", ep_dim: str = "ep",
+                                wrap_root: bool = True, pad_to_capacity: bool = False, **fully_shard_kwargs) -> nn.Module:
+    """Expert parallelism with FSDP2 on a 2-D ``(dp_dim, ep_dim)`` mesh, in place: the experts are sharded over
+    ``mesh[ep_dim]`` (:func:`shard_experts`) and ``fully_shard``-ed over ``mesh[dp_dim]``; the routers, the
+    shared experts and (``wrap_root=True``) the rest of the model are ``fully_shard``-ed over the flattened mesh
+    (all ranks). Returns ``model``.
+
+    Gradients then come out as those of single-process training on the mean of the ranks' losses: FSDP2
+    averages the dense ones over all ranks; the exchange has already summed each expert's gradient over its
+    ``ep_dim`` group, so the experts' reduction over ``dp_dim`` divides by the whole mesh size
+    (``set_gradient_divide_factor``). Clip with :func:`clip_grad_norm_`; no :func:`allreduce_gradients`.
+
+    To wrap blocks of your own (e.g. each transformer block over the flattened mesh), pass ``wrap_root=False``,
+    then ``fully_shard`` the blocks and the root in the usual inner-to-outer order: the MoE layers are already
+    wrapped. ``fully_shard_kwargs`` (``mp_policy``, ``reshard_after_forward``, ...) go to every call.
+    Collective: every rank calls it on the same model."""
+    from torch.distributed.fsdp import fully_shard
+
+    if not isinstance(mesh, DeviceMesh) or mesh.ndim != 2 or tuple(mesh.mesh_dim_names or ()) != (dp_dim, ep_dim):
+        names = getattr(mesh, "mesh_dim_names", None)
+        raise ValueError(f"fully_shard_expert_parallel: mesh must be a 2-D DeviceMesh with dims ({dp_dim!r}, "
+                         f"{ep_dim!r}), got {type(mesh).__name__} with dims {names}")
+    flat = mesh._flatten(f"{dp_dim}_{ep_dim}")
+    shard_experts(model, mesh[ep_dim], pad_to_capacity=pad_to_capacity)
+    layers = [m for m in model.modules() if isinstance(m, ExpertParallelMoE)]
+    for layer in layers:
+        fully_shard(layer.router, mesh=flat, **fully_shard_kwargs)
+        if layer.shared_expert is not None:
+            fully_shard(layer.shared_expert, mesh=flat, **fully_shard_kwargs)
+        fully_shard(layer, mesh=mesh[dp_dim], **fully_shard_kwargs)  # what is left in it: the experts
+        layer.set_gradient_divide_factor(float(mesh.size()))
+    if wrap_root and not isinstance(model, ExpertParallelMoE):
+        fully_shard(model, mesh=flat, **fully_shard_kwargs)
     return model
 
 

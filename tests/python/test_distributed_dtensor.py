@@ -21,7 +21,9 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
-from torchmoe.distributed import ExpertParallelMoE, allreduce_gradients, clip_grad_norm_, shard_experts
+from torchmoe.distributed import (
+    ExpertParallelMoE, allreduce_gradients, clip_grad_norm_, fully_shard_expert_parallel, shard_experts,
+)
 from torchmoe.nn import MoE, SwitchMoE
 
 COLLECTIVE_TIMEOUT_S = 30
@@ -335,31 +337,15 @@ def shared_expert_sharded_matches_unsharded(rank, world):
 
 # ---------------------------------------------------------------- FSDP2 + EP on a 2 x 2 mesh
 
-def fsdp_expert_parallel(model, mesh):
-    """The recipe of docs/distributed-training.md: experts EP-sharded on "ep" and fully_shard-ed on "dp", the
-    rest fully_shard-ed on the flattened mesh."""
-    from torch.distributed.fsdp import fully_shard
-
-    flat = mesh._flatten("dp_ep")
-    shard_experts(model, mesh["ep"])
-    for layer in model.modules():
-        if isinstance(layer, ExpertParallelMoE):
-            fully_shard(layer.router, mesh=flat)
-            if layer.shared_expert is not None:
-                fully_shard(layer.shared_expert, mesh=flat)
-            fully_shard(layer, mesh=mesh["dp"])  # what is left in it: the experts
-            layer.set_gradient_divide_factor(mesh.size())
-    fully_shard(model, mesh=flat)
-    return model
-
-
 @case(4)
 def fsdp2_2x2_matches_single_process(rank, world):
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "ep"))
+    with pytest.raises(ValueError, match=r"2-D DeviceMesh with dims \('dp', 'ep'\)"):
+        fully_shard_expert_parallel(_make_net(), mesh["ep"])
     reference = _make_net(aux=1e-2)
-    model = fsdp_expert_parallel(copy.deepcopy(reference), mesh)
+    model = fully_shard_expert_parallel(copy.deepcopy(reference), mesh)
     opt = torch.optim.AdamW(model.parameters(), lr=0.02, weight_decay=0.01)
     ref_opt = torch.optim.AdamW(reference.parameters(), lr=0.02, weight_decay=0.01)
     token_counts = [12, 5, 20, 9]
@@ -380,6 +366,31 @@ def fsdp2_2x2_matches_single_process(rank, world):
         assert float(ref_norm) > 0.1  # clipped
     for name, param in model.named_parameters():
         _assert_close(_full(param.detach()), reference.get_parameter(name).detach(), f"{name} after 3 steps", 1e-9)
+
+
+# ---------------------------------------------------------------- torch.compile(fullgraph=True)
+
+@case(2)
+def compile_fullgraph_matches_eager(rank, world):
+    import torch._dynamo
+
+    torch._dynamo.config.capture_scalar_outputs = True  # the split sizes come from the other ranks
+    for cf, pad in ((None, False), (1.0, True)):
+        torch.manual_seed(0)
+        ep = ExpertParallelMoE.from_moe(MoE(8, 12, 4, k=2, capacity_factor=cf, shared_expert_d_ff=6).double(),
+                                        pad_to_capacity=pad)
+        x = _rand(900 + rank, 10 + 3 * rank, 8).requires_grad_()  # different token counts (and capacities)
+        y = ep(x)
+        y.square().sum().backward()
+        expected = [y.detach(), x.grad.clone()] + [_local(p.grad).clone() for p in ep.parameters()]
+        ep.zero_grad()
+        x.grad = None
+        torch._dynamo.reset()
+        y = torch.compile(ep, fullgraph=True)(x)  # fullgraph: a graph break would raise
+        y.square().sum().backward()
+        got = [y.detach(), x.grad] + [_local(p.grad) for p in ep.parameters()]
+        for a, b in zip(got, expected):
+            _assert_close(a, b, f"compiled vs eager (capacity_factor={cf}, pad_to_capacity={pad})", 1e-12)
 
 
 # ---------------------------------------------------------------- the spawn
