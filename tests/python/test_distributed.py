@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from torch.distributed.tensor import DTensor, Shard
 
 import torchmoe
 from torchmoe.distributed import (
@@ -54,6 +55,11 @@ def _rand(seed, *shape, dtype=torch.float64):
 def _assert_close(actual, expected, dtype, what):
     tol = TOLERANCES[dtype]
     torch.testing.assert_close(actual, expected, rtol=tol, atol=tol, msg=lambda m: f"{what}: {m}")
+
+
+def _local(t):
+    """An expert parameter (or its gradient) is a DTensor of the global shape: compare this rank's shard."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _gather_objects(obj, group=None):
@@ -104,7 +110,8 @@ def _check_layer(make, token_counts, dtype=torch.float64, pad=False, group=None,
     _assert_close(ep.aux_loss.detach(), expected["aux"], torch.float32, "aux_loss")  # router math is float32
     lo, hi = ep.expert_offset, ep.expert_offset + ep.num_local_experts
     for name, param in ep.named_parameters(recurse=False):
-        _assert_close(param.grad, getattr(full, name).grad[lo:hi], dtype, f"{name} gradient (sum over ranks)")
+        assert isinstance(param, DTensor) and param.placements == (Shard(0),) and param.shape == getattr(full, name).shape
+        _assert_close(_local(param.grad), getattr(full, name).grad[lo:hi], dtype, f"{name} gradient (sum over ranks)")
     allreduce_gradients(ep, group=group, op="sum")
     # router math is float32; a 16-bit router's gradient is rounded to 16 bits on every rank before the sum
     router_dtype = dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
@@ -256,7 +263,7 @@ def deterministic_bitwise(rank, world):
             x = _rand(7, 15, 8, dtype=torch.float32).requires_grad_()
             y = ep(x)
             y.square().sum().backward()
-            results.append([y.detach(), x.grad] + [p.grad for p in ep.parameters()])
+            results.append([y.detach(), x.grad] + [_local(p.grad) for p in ep.parameters()])
         for a, b in zip(results[-2], results[-1]):
             assert torch.equal(a, b)
 
@@ -294,14 +301,25 @@ def direct_construction_is_the_slice_of_moe(rank, world):
     torch.manual_seed(5)
     ep = ExpertParallelMoE(8, 12, 2 * world, k=2, capacity_factor=1.25)
     lo, hi = 2 * rank, 2 * rank + 2
-    assert ep.up_proj.shape == (2, 8, 12) and ep.down_proj.shape == (2, 12, 8)
+    assert ep.up_proj.shape == (2 * world, 8, 12) and ep.down_proj.shape == (2 * world, 12, 8)  # global shapes
+    assert _local(ep.up_proj).shape == (2, 8, 12)
     for name, param in ep.named_parameters(recurse=False):
-        assert torch.equal(param, getattr(full, name)[lo:hi]), name
+        assert torch.equal(_local(param), getattr(full, name)[lo:hi]), name
+        assert torch.equal(param.full_tensor(), getattr(full, name)), name
     assert torch.equal(ep.router.weight, full.router.weight)
-    # state_dict: the unsharded layer's names, experts' first dim E/W
+    # state_dict: the unsharded layer's names and shapes
     full_sd, ep_sd = full.state_dict(), ep.state_dict()
     assert list(full_sd) == list(ep_sd)
-    assert all(ep_sd[n].shape == (full_sd[n][lo:hi] if n.endswith("_proj") else full_sd[n]).shape for n in full_sd)
+    assert all(ep_sd[n].shape == full_sd[n].shape for n in full_sd)
+    # an unsharded state_dict loads into the shards (each rank its slice); a local-sized one is refused
+    torch.manual_seed(6)
+    other = MoE(8, 12, 2 * world, k=2, capacity_factor=1.25)
+    ep.load_state_dict(other.state_dict())
+    for name, param in ep.named_parameters(recurse=False):
+        assert torch.equal(_local(param), getattr(other, name)[lo:hi]), name
+    sliced = {n: (t[lo:hi] if n.endswith("_proj") else t) for n, t in other.state_dict().items()}
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        ep.load_state_dict(sliced)
 
 
 # ---------------------------------------------------------------- bad input: an error on every rank, no hang
@@ -411,7 +429,7 @@ def _compare_trained(model, reference, rank, world):
         expected = ref_params[name]
         if name in sharded:
             expected = expected[2 * rank : 2 * rank + 2]
-        _assert_close(param.detach(), expected.detach(), torch.float64, name)
+        _assert_close(_local(param.detach()), expected.detach(), torch.float64, name)
 
 
 @case
@@ -419,7 +437,7 @@ def shard_experts_training_matches_single_process(rank, world):
     model, reference, data, reference_losses = _training_setup(rank, world)
     assert shard_experts(model) is model
     assert isinstance(model.moe1, ExpertParallelMoE) and isinstance(model.moe2, ExpertParallelMoE)
-    assert model.moe1.up_proj.shape[0] == 2 and model.moe2.k == 1
+    assert _local(model.moe1.up_proj).shape[0] == 2 and model.moe2.k == 1
     opt = torch.optim.SGD(model.parameters(), lr=0.2)
     for step, batch in enumerate(data):
         opt.zero_grad()
@@ -486,12 +504,12 @@ def torch_compile_matches_eager(rank, world):
     x = _rand(80 + rank, 16, 8, dtype=torch.float32).requires_grad_()
     y = ep(x)
     y.square().sum().backward()
-    expected = [y.detach(), x.grad] + [p.grad.clone() for p in ep.parameters()]
+    expected = [y.detach(), x.grad] + [_local(p.grad).clone() for p in ep.parameters()]
     ep.zero_grad()
     x.grad = None
     y = torch.compile(ep)(x)  # graph breaks at the collectives
     y.square().sum().backward()
-    for a, b in zip([y.detach(), x.grad] + [p.grad for p in ep.parameters()], expected):
+    for a, b in zip([y.detach(), x.grad] + [_local(p.grad) for p in ep.parameters()], expected):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     return None
 

@@ -10,7 +10,7 @@ from .. import ops
 from .. import reference as _reference
 from .router import make_router, router_aux_loss
 
-__all__ = ["MoE", "SwitchMoE"]
+__all__ = ["MoE", "SwitchMoE", "SharedExpert"]
 
 _ACTIVATIONS = ("swiglu", "relu", "gelu")
 
@@ -62,6 +62,9 @@ class MoE(nn.Module):
         z_loss_weight: weight of the router z-loss.
         impl: ``"fused"`` (the torchmoe ops) or ``"reference"`` (the same math through
             :mod:`torchmoe.reference`; eager mode only, for comparisons and tests).
+        shared_expert_d_ff: width of an always-on shared expert (:class:`SharedExpert`, same activation as the
+            routed experts) added to every token's output (DeepSeek-V2/V3, Qwen2-MoE, Llama 4); ``None``: none.
+        shared_expert_gate: scale the shared expert's output by ``sigmoid(x @ gate)`` per token (Qwen2-MoE).
 
     Attributes (after each forward):
         aux_loss: 0-d float32 tensor, ``aux_loss_weight * switch_load_balancing_loss + z_loss_weight *
@@ -96,6 +99,8 @@ class MoE(nn.Module):
         impl: str = "fused",
         num_expert_groups: int = 1,
         topk_expert_groups: int = 1,
+        shared_expert_d_ff: Optional[int] = None,
+        shared_expert_gate: bool = False,
     ) -> None:
         super().__init__()
         if activation not in _ACTIVATIONS:
@@ -129,6 +134,14 @@ class MoE(nn.Module):
             self.register_parameter("gate_proj", None)
         self.up_proj = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
         self.down_proj = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
+        self.shared_expert_d_ff = shared_expert_d_ff
+        self.shared_expert_gate = bool(shared_expert_gate)
+        if shared_expert_d_ff is not None:
+            self.shared_expert = SharedExpert(d_model, shared_expert_d_ff, activation, gate=shared_expert_gate)
+        else:
+            if shared_expert_gate:
+                raise ValueError("MoE: shared_expert_gate=True needs a shared_expert_d_ff")
+            self.shared_expert = None
 
         self.aux_loss = torch.zeros(())
         self.expert_counts = torch.zeros(num_experts, dtype=torch.long)
@@ -141,6 +154,8 @@ class MoE(nn.Module):
             if w is not None:
                 bound = 1.0 / math.sqrt(max(fan_in, 1))
                 nn.init.uniform_(w, -bound, bound)
+        if self.shared_expert is not None:
+            self.shared_expert.reset_parameters()
 
     def _act(self, h: Tensor) -> Tensor:
         # h is a fresh matmul output that nothing saves for backward: ReLU can overwrite it (one whole-batch
@@ -246,6 +261,8 @@ class MoE(nn.Module):
             out = self._experts_grouped(rows, counts)
             dropped = torch.zeros((), dtype=torch.long, device=x.device)
         y = ops.combine(out, dest, weights)
+        if self.shared_expert is not None:
+            y = y + self.shared_expert(h)
         self.aux_loss = self._aux_losses(logits, indices, counts)
         self.expert_counts = counts
         self.dropped_tokens = dropped
@@ -273,6 +290,8 @@ class MoE(nn.Module):
             out = R.grouped_mm(hid, self.down_proj, counts)
             dropped = torch.zeros((), dtype=torch.long, device=x.device)
         y = R.combine(out, dest, weights)
+        if self.shared_expert is not None:
+            y = y + self.shared_expert(h)
         self.aux_loss = self._aux_losses(logits, indices)
         self.expert_counts = counts
         self.dropped_tokens = dropped
@@ -286,6 +305,10 @@ class MoE(nn.Module):
         s += f", aux_loss_weight={self.aux_loss_weight}, z_loss_weight={self.z_loss_weight}"
         if self.impl != "fused":
             s += f", impl={self.impl!r}"
+        if self.shared_expert_d_ff is not None:
+            s += f", shared_expert_d_ff={self.shared_expert_d_ff}"
+            if self.shared_expert_gate:
+                s += ", shared_expert_gate=True"
         return s
 
 
@@ -338,3 +361,63 @@ class SwitchMoE(MoE):
             use_expert_bias=use_expert_bias,
             impl=impl,
         )
+
+
+class SharedExpert(nn.Module):
+    """The always-on expert of :class:`MoE` (``shared_expert_d_ff``): one dense MLP every token goes through,
+    ``act(x @ up_proj) @ down_proj`` or SwiGLU ``(silu(x @ gate_proj) * (x @ up_proj)) @ down_proj``, no biases,
+    optionally scaled per token by ``sigmoid(x @ output_gate)`` (Qwen2-MoE's ``shared_expert_gate``).
+
+    Parameters: ``gate_proj`` (SwiGLU only) and ``up_proj`` ``[d_model, d_ff]``, ``down_proj [d_ff, d_model]``,
+    ``output_gate [d_model, 1]`` (with ``gate=True``), initialised like ``nn.Linear``. Split in :meth:`hidden` and
+    :meth:`output` so that the expert-parallel layer runs each half while a token exchange is in flight.
+    """
+
+    def __init__(self, d_model: int, d_ff: int, activation: str = "swiglu", gate: bool = False) -> None:
+        super().__init__()
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"SharedExpert: activation must be one of {_ACTIVATIONS}, got {activation!r}")
+        if d_ff <= 0:
+            raise ValueError(f"shared_expert_d_ff must be a positive int, got {d_ff}")
+        self.d_model = d_model
+        self.d_ff = d_ff
+        self.activation = activation
+        if activation == "swiglu":
+            self.gate_proj = nn.Parameter(torch.empty(d_model, d_ff))
+        else:
+            self.register_parameter("gate_proj", None)
+        self.up_proj = nn.Parameter(torch.empty(d_model, d_ff))
+        self.down_proj = nn.Parameter(torch.empty(d_ff, d_model))
+        if gate:
+            self.output_gate = nn.Parameter(torch.empty(d_model, 1))
+        else:
+            self.register_parameter("output_gate", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for w, fan_in in ((self.gate_proj, self.d_model), (self.up_proj, self.d_model), (self.down_proj, self.d_ff),
+                          (self.output_gate, self.d_model)):
+            if w is not None:
+                bound = 1.0 / math.sqrt(max(fan_in, 1))
+                nn.init.uniform_(w, -bound, bound)
+
+    def hidden(self, x: Tensor) -> Tensor:
+        """``[T, d_model]`` -> the activated hidden rows ``[T, d_ff]``."""
+        if self.gate_proj is not None:
+            return ops.swiglu(x @ self.gate_proj, x @ self.up_proj)
+        h = x @ self.up_proj
+        return F.relu(h) if self.activation == "relu" else F.gelu(h)
+
+    def output(self, x: Tensor, hidden: Tensor) -> Tensor:
+        """The expert's output ``[T, d_model]`` from its input ``x`` and :meth:`hidden` of it."""
+        y = hidden @ self.down_proj
+        if self.output_gate is not None:
+            y = y * torch.sigmoid(x @ self.output_gate)
+        return y
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.output(x, self.hidden(x))
+
+    def extra_repr(self) -> str:
+        s = f"d_model={self.d_model}, d_ff={self.d_ff}, activation={self.activation!r}"
+        return s + (", gate=True" if self.output_gate is not None else "")
