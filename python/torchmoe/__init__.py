@@ -10,6 +10,8 @@ torch.compile and C++) and exposes typed functional wrappers:
 - :func:`swiglu`       — ``silu(gate) * up``, the SwiGLU activation
 - :func:`capacity`     — the expert capacity for a capacity factor
 - :func:`cpu_cache_bytes` / :func:`empty_cpu_cache` — the CPU kernels' cache of large freed outputs
+- :func:`info` — versions, kernels, CPU paths and environment knobs for a bug report
+  (also ``python -m torchmoe info``)
 
 `torchmoe.reference` holds plain-PyTorch versions of every op, `torchmoe.losses` the auxiliary
 losses and `torchmoe.nn` the modules.
@@ -22,6 +24,7 @@ from .ops import (  # noqa: E402
     capacity, combine, cpu_cache_bytes, dispatch, empty_cpu_cache, grouped_mm, route_plan, swiglu, topk_gating,
 )
 from . import reference  # noqa: E402
+from ._info import info  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -38,6 +41,7 @@ __all__ = [
     "reference",
     "library_path",
     "built_with_cuda",
+    "info",
 ]
 
 library_path = _library.library_path
