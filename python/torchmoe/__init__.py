@@ -11,6 +11,8 @@ torch.compile and C++) and exposes typed functional wrappers:
 - :func:`quantize_weight` / :func:`grouped_mm_quantized` — int8/int4 weight-only quantized experts
 - :func:`capacity`     — the expert capacity for a capacity factor
 - :func:`cpu_cache_bytes` / :func:`empty_cpu_cache` — the CPU kernels' cache of large freed outputs
+- :func:`info` — versions, kernels, CPU paths and environment knobs for a bug report
+  (also ``python -m torchmoe info``)
 
 `torchmoe.reference` holds plain-PyTorch versions of every op, `torchmoe.losses` the auxiliary
 losses and `torchmoe.nn` the modules.
@@ -24,6 +26,7 @@ from .ops import (  # noqa: E402
 )
 from .quantization import QuantizedWeight, dequantize_weight, grouped_mm_quantized, quantize_weight  # noqa: E402
 from . import reference  # noqa: E402
+from ._info import info  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -44,6 +47,7 @@ __all__ = [
     "reference",
     "library_path",
     "built_with_cuda",
+    "info",
 ]
 
 library_path = _library.library_path

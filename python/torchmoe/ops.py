@@ -39,7 +39,18 @@ def topk_gating(
     Returns:
         ``(weights, indices)``: ``weights [..., k]`` in the dtype of ``logits`` and ``indices [..., k]``
         int64, ordered by descending selection score, ties to the lower expert index. Differentiable
-        w.r.t. ``logits``.
+        w.r.t. ``logits`` (once: a second differentiation raises).
+
+    Raises:
+        RuntimeError: with a message naming the argument (``torchmoe::topk_gating: argument 'k' ...``) for a
+            non-floating ``logits``, ``k`` outside ``[1, E]`` (or above the experts of the eligible groups), an
+            unknown ``score_func``, an ``expert_bias`` that is not float32 ``[E]`` on the logits' device,
+            ``E`` not divisible by ``num_expert_groups`` or ``topk_expert_groups`` outside
+            ``[1, num_expert_groups]``.
+
+    Example::
+
+        >>> weights, experts = torchmoe.topk_gating(torch.randn(16, 8), k=2)   # [16, 2] float32, [16, 2] int64
     """
     return torch.ops.torchmoe.topk_gating(
         logits, k, score_func, renormalize, expert_bias, num_expert_groups, topk_expert_groups, scale
@@ -65,7 +76,13 @@ def route_plan(
         ``(dest, counts)``. With ``capacity >= 0``, ``dest = (e * G + g) * capacity + pos`` for kept slots
         and ``-1`` for dropped ones (expert buffer ``[E, G * capacity, d]``). Dropless: ``dest`` indexes
         rows ordered by expert, then group, then queue position. ``counts`` is int64 ``[E]`` (``[G, E]``
-        with groups): tokens routed to each expert before dropping.
+        with groups): tokens routed to each expert before dropping. ``dest`` is int64 with the shape of
+        ``indices``. Deterministic: the same on every run, thread count and device. Not differentiable.
+
+    Raises:
+        RuntimeError: naming the argument, for ``indices`` that are not an integer ``[T, k]`` / ``[G, T, k]``
+            tensor or hold ids outside ``[0, num_experts)``, ``num_experts <= 0``, ``capacity < -1``, or a
+            ``priority`` of the wrong shape, dtype or device.
     """
     return torch.ops.torchmoe.route_plan(indices, num_experts, capacity, priority)
 
@@ -73,8 +90,19 @@ def route_plan(
 def dispatch(x: Tensor, dest: Tensor, num_rows: int) -> Tensor:
     """Copy token rows into expert buffer rows: ``out[dest[n, j]] = x[n]``, unfilled rows zero.
 
-    ``x [N, d]``, ``dest [N, k]`` int64 (a plan's ``dest`` reshaped to ``[N, k]``; ``-1`` = dropped).
-    Returns ``[num_rows, d]``. Backward: ``dx[n] = sum_j dout[dest[n, j]]``.
+    Args:
+        x: token rows ``[N, d]``, float16, bfloat16, float32 or float64.
+        dest: int64 ``[N, k]`` on ``x``'s device (a plan's ``dest`` reshaped to ``[N, k]``; ``-1`` = dropped),
+            values in ``[-1, num_rows)``.
+        num_rows: rows of the output buffer (``E * capacity``, or ``N * k`` dropless).
+
+    Returns:
+        ``[num_rows, d]`` in ``x``'s dtype. Backward: ``dx[n] = sum_j dout[dest[n, j]]`` (float32 accumulation).
+
+    Raises:
+        RuntimeError: naming the argument, for a non-2-D or non-floating ``x``, a ``dest`` that is not int64
+            ``[N, k]`` on ``x``'s device or holds a value outside ``[-1, num_rows)`` (on CUDA a device
+            assertion), or ``num_rows < 0``.
     """
     return torch.ops.torchmoe.dispatch(x, dest, num_rows)
 
@@ -82,18 +110,39 @@ def dispatch(x: Tensor, dest: Tensor, num_rows: int) -> Tensor:
 def combine(expert_out: Tensor, dest: Tensor, weights: Tensor) -> Tensor:
     """Weighted gather back to tokens: ``y[n] = sum_j weights[n, j] * expert_out[dest[n, j]]``.
 
-    Dropped slots (``dest < 0``) contribute nothing. Accumulates in float32; the result has
-    ``expert_out``'s dtype. ``weights`` may be float32 with bf16/fp16 ``expert_out``.
-    Differentiable w.r.t. ``expert_out`` and ``weights``.
+    Args:
+        expert_out: ``[R, d]``, float16, bfloat16, float32 or float64.
+        dest: int64 ``[N, k]``, values in ``[-1, R)``; dropped slots (``-1``) contribute nothing.
+        weights: floating ``[N, k]`` (may be float32 with a bf16/fp16 ``expert_out``).
+
+    Returns:
+        ``y [N, d]`` in ``expert_out``'s dtype, accumulated in float32 (float64 for float64). Differentiable
+        w.r.t. ``expert_out`` and ``weights``.
+
+    Raises:
+        RuntimeError: naming the argument, for wrong ranks or dtypes, ``weights`` not ``[N, k]`` like ``dest``,
+            tensors on different devices, or a ``dest`` value outside ``[-1, R)``.
     """
     return torch.ops.torchmoe.combine(expert_out, dest, weights)
 
 
 def grouped_mm(x: Tensor, weight: Tensor, counts: Tensor) -> Tensor:
-    """One matmul per expert over rows grouped by expert.
+    """One matmul per expert over rows grouped by expert: ``out[rows of e] = x[rows of e] @ weight[e]``.
 
-    ``x [N, d_in]`` (rows of expert 0, then expert 1, ...), ``weight [E, d_in, d_out]``, ``counts [E]``
-    int64 summing to N. Returns ``[N, d_out]``. Differentiable w.r.t. ``x`` and ``weight``.
+    Args:
+        x: ``[N, d_in]``, floating, rows of expert 0 first, then expert 1, ... (a dropless plan's layout).
+        weight: ``[E, d_in, d_out]`` with ``x``'s dtype and device. On the CPU a view with one unit-stride
+            matrix dim (e.g. ``w.transpose(1, 2)``) is read in place, without a copy.
+        counts: int64 ``[E]``, non-negative, summing to N (on CPU read on the host; on CUDA never synced).
+
+    Returns:
+        ``[N, d_out]`` in ``x``'s dtype. Differentiable w.r.t. ``x`` and ``weight`` (a transposed weight view's
+        gradient comes back in the layout of the tensor it views).
+
+    Raises:
+        RuntimeError: naming the argument, for wrong ranks, a ``weight`` whose dtype, device or ``d_in`` differ
+            from ``x``'s, ``counts`` that is not int64 ``[E]``, has a negative entry or does not sum to N
+            (on CUDA: a device assertion).
     """
     return torch.ops.torchmoe.grouped_mm(x, weight, counts)
 
@@ -104,7 +153,11 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     ``gate`` and ``up`` have the same shape and floating dtype. The same operations and rounding steps as
     ``F.silu(gate) * up`` and its autograd (16-bit dtypes round ``silu(gate)`` before the product, as the
     composite does), with fewer passes over memory and no intermediate tensor; results do not depend on
-    the thread count. Differentiable w.r.t. both.
+    the thread count. Differentiable w.r.t. both. Returns a tensor of the inputs' shape and dtype.
+
+    Raises:
+        RuntimeError: naming the argument, when ``gate`` and ``up`` differ in shape, dtype or device, or are
+            not floating.
     """
     return torch.ops.torchmoe.swiglu(gate, up)
 
@@ -113,7 +166,19 @@ def capacity(
     num_tokens: int, num_experts: int, k: int, capacity_factor: float, min_capacity: int = 0
 ) -> int:
     """Expert capacity: ``max(min_capacity, floor(k * capacity_factor * num_tokens / num_experts))``,
-    at most ``num_tokens`` (an expert never holds more than every token once)."""
+    at most ``num_tokens`` (an expert never holds more than every token once).
+
+    Returns:
+        The rows per expert buffer, a Python int (``route_plan``'s ``capacity`` argument).
+
+    Raises:
+        ValueError: if ``num_experts <= 0`` or ``capacity_factor < 0``.
+
+    Example::
+
+        >>> torchmoe.capacity(4096, 64, k=2, capacity_factor=1.25)
+        160
+    """
     if num_experts <= 0:
         raise ValueError(f"capacity: num_experts must be positive, got {num_experts}")
     if capacity_factor < 0:

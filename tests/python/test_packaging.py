@@ -58,7 +58,7 @@ def test_sdist_holds_every_source_header_test_and_build_file(sdist):
     with tarfile.open(sdist) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
     expected = _source_files("csrc/**/*", "python/torchmoe/**/*.py", "tests/**/*.py", "tests/cpp/**/*",
-                             "scripts/*", "benchmarks/*", "examples/*")
+                             "scripts/*", "benchmarks/*", "examples/*", "docs/*")
     expected |= {"README.md", "CMakeLists.txt", "setup.py", "pyproject.toml", "MANIFEST.in", "csrc/SOURCES"}
     assert any(n.endswith(".cu") for n in expected) and any(n.endswith(".h") for n in expected)
     missing = sorted(expected - names)

@@ -78,7 +78,27 @@ class MoE(nn.Module):
     ``down_proj`` ``[E, d_ff, d_model]``, all used as ``x @ W`` and initialised like ``nn.Linear``
     (uniform with bound ``1/sqrt(fan_in)``).
 
-    Shape: ``x [..., d_model]`` -> ``y [..., d_model]`` (same dtype as the expert weights).
+    Shape: ``x [..., d_model]`` -> ``y [..., d_model]``. ``x`` must have the expert weights' dtype and device
+    (float32 by default; ``moe.to(torch.bfloat16)`` for bfloat16); the router computes in float32 whatever the
+    dtype. Any number of leading dims, zero tokens included.
+
+    Raises:
+        ValueError: at construction, for an unknown ``activation``, ``router`` or ``impl``, ``k`` outside
+            ``[1, num_experts]``, a negative ``capacity_factor`` or an unknown ``score_func`` (group options
+            that do not divide ``num_experts`` raise a RuntimeError at the first forward).
+        RuntimeError: in forward, from the ops, with a message naming the op and argument, e.g. for an ``x``
+            whose dtype or device differs from the weights'. ``x.reshape(-1, d_model)`` must be possible: the
+            last dim is not checked separately.
+
+    Example::
+
+        >>> moe = MoE(d_model=512, d_ff=1024, num_experts=8, k=2, capacity_factor=1.25)
+        >>> y = moe(torch.randn(4, 128, 512))               # [4, 128, 512]
+        >>> loss = y.square().mean() + moe.aux_loss          # add the aux loss to the task loss
+        >>> loss.backward()
+        >>> moe.expert_counts, moe.dropped_tokens            # int64 [8], int64 0-d
+
+    More in docs/modules.md (routing options, MoLE, MoLoRA) and docs/distributed.md (sharding the experts).
     """
 
     def __init__(
@@ -149,6 +169,7 @@ class MoE(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """Re-initialise the router and the expert weights (uniform in ``+-1/sqrt(fan_in)``, as ``nn.Linear``)."""
         self.router.reset_parameters()
         for w, fan_in in ((self.gate_proj, self.d_model), (self.up_proj, self.d_model), (self.down_proj, self.d_ff)):
             if w is not None:
@@ -238,6 +259,8 @@ class MoE(nn.Module):
                                counts)
 
     def forward(self, x: Tensor) -> Tensor:
+        """``x [..., d_model]`` -> ``y [..., d_model]``; sets :attr:`aux_loss`, :attr:`expert_counts` and
+        :attr:`dropped_tokens`."""
         if self.impl == "reference":
             return self._forward_reference(x)
         h = x.reshape(-1, self.d_model)
@@ -330,6 +353,16 @@ class SwitchMoE(MoE):
         min_capacity, use_expert_bias, impl: as in :class:`MoE`.
 
     Shape: ``x [..., d_model]`` -> ``y [..., d_model]``.
+
+    Raises:
+        ValueError: as :class:`MoE`, for an unknown ``activation`` or ``impl`` or a negative
+            ``capacity_factor``.
+
+    Example::
+
+        >>> switch = SwitchMoE(512, 2048, num_experts=16)      # top-1, capacity factor 1.25, ReLU experts
+        >>> y = switch(torch.randn(8, 64, 512))
+        >>> loss = y.square().mean() + switch.aux_loss
     """
 
     def __init__(
