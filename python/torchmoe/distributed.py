@@ -23,8 +23,10 @@ from torch.distributed.tensor import DTensor, Shard
 
 from . import ops
 from .nn.moe import _ACTIVATIONS, MoE, SharedExpert, pack_kept_rows
+from .nn.quantized import _QUANTIZED_CLASS, _QuantizedExperts
+from .quantization import QuantizedWeight
 
-__all__ = ["all_to_all", "ExpertParallelMoE", "shard_experts", "expert_parameters", "allreduce_gradients",
+__all__ = ["all_to_all", "ExpertParallelMoE", "QuantizedExpertParallelMoE", "shard_experts", "expert_parameters", "allreduce_gradients",
            "clip_grad_norm_", "fully_shard_expert_parallel"]
 
 # dtype codes for the per-forward agreement check (ranks must exchange rows of one dtype)
@@ -281,6 +283,9 @@ class ExpertParallelMoE(MoE):
         if not isinstance(moe, MoE) or isinstance(moe, ExpertParallelMoE):
             raise TypeError(f"ExpertParallelMoE.from_moe: moe must be a torchmoe.nn.MoE or SwitchMoE, got "
                             f"{type(moe).__name__}")
+        if isinstance(moe, _QuantizedExperts):
+            raise TypeError(f"ExpertParallelMoE.from_moe: {type(moe).__name__} has quantized experts; shard the float "
+                            f"layer first, then quantize it (torchmoe.nn.quantize_experts on the sharded model)")
         ep = cls.__new__(cls)
         nn.Module.__init__(ep)
         for name, value in vars(moe).items():
@@ -340,11 +345,17 @@ class ExpertParallelMoE(MoE):
             if param.dim() == 0 or param.shape[0] != E:
                 raise ValueError(f"ExpertParallelMoE: parameter {name} has shape {tuple(param.shape)}, expected a "
                                  f"first dim of num_experts={E}")
-            shard = param.detach()[lo:hi].clone()
-            if mesh is not None:  # the global [E, ...] tensor, Shard(0) over the mesh; no communication
-                shard = DTensor.from_local(shard, mesh, [Shard(0)], run_check=False, shape=param.shape,
-                                           stride=torch.empty(param.shape, device="meta").stride())
+            shard = self._as_global_expert_tensor(param.detach()[lo:hi].clone())
             self._parameters[name] = nn.Parameter(shard, requires_grad=param.requires_grad)
+
+    def _as_global_expert_tensor(self, shard: Tensor) -> Tensor:
+        """This rank's ``[E/W, ...]`` slice as the global ``[E, ...]`` DTensor, ``Shard(0)`` over the mesh (no
+        communication); the slice itself without a mesh."""
+        if self.mesh is None:
+            return shard
+        shape = (self.num_experts,) + tuple(shard.shape[1:])
+        return DTensor.from_local(shard, self.mesh, [Shard(0)], run_check=False, shape=shape,
+                                  stride=torch.empty(shape, device="meta").stride())
 
     def _weight(self) -> Tensor:
         return _local(self.up_proj)
@@ -373,7 +384,7 @@ class ExpertParallelMoE(MoE):
                               error_msgs) -> None:
         # An unsharded checkpoint (plain tensors of the global shape) loads into the shards: each rank keeps its
         # slice. A tensor of any other shape is refused by the default check (the sizes differ).
-        for name, param in self._parameters.items():
+        for name, param in list(self._parameters.items()) + list(self._buffers.items()):
             value = state_dict.get(prefix + name)
             if isinstance(param, DTensor) and isinstance(value, Tensor) and not isinstance(value, DTensor) \
                     and value.shape == param.shape:
@@ -633,6 +644,57 @@ class ExpertParallelMoE(MoE):
         if self.pad_to_capacity:
             s += ", pad_to_capacity=True"
         return s
+
+
+class QuantizedExpertParallelMoE(_QuantizedExperts, ExpertParallelMoE):
+    """An :class:`ExpertParallelMoE` whose experts were quantized by :func:`torchmoe.nn.quantize_experts`: each
+    rank serves its own experts on ``grouped_mm_quantized``. The packed tensors are buffers; with a mesh they are
+    DTensors of the whole layer's shape (``Shard(0)``), so ``state_dict`` has the unsharded quantized layer's keys
+    and shapes and ``torch.distributed.checkpoint`` reshards them across world sizes. Inputs may be float32,
+    bfloat16 or float16; every rank of the group must use the same dtype."""
+
+    def _weight(self) -> Tensor:
+        return _local(self.up_proj_qweight)
+
+    def _input_problem(self, x) -> str:
+        if not isinstance(x, Tensor):
+            return f"x must be a tensor, got {type(x).__name__}"
+        if x.dim() < 1 or x.shape[-1] != self.d_model:
+            return f"x must have shape [..., d_model={self.d_model}], got {tuple(x.shape)}"
+        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return f"x must be float32, bfloat16 or float16 for quantized experts, got {x.dtype}"
+        if x.device != self._weight().device:
+            return f"x is on {x.device}, the expert weights on {self._weight().device}"
+        return ""
+
+    def _experts_grouped(self, rows: Tensor, counts: Tensor) -> Tensor:
+        return self._quantized_mlp(rows, counts, _local(self.gate_proj_qweight), _local(self.gate_proj_scales),
+                                   _local(self.gate_proj_zeros), _local(self.up_proj_qweight),
+                                   _local(self.up_proj_scales), _local(self.up_proj_zeros),
+                                   _local(self.down_proj_qweight), _local(self.down_proj_scales),
+                                   _local(self.down_proj_zeros))
+
+    def _experts_batched(self, buf: Tensor) -> Tensor:
+        # [E/W, C, d_model]: every local expert has C rows.
+        counts = torch.full((buf.shape[0],), buf.shape[1], dtype=torch.long, device=buf.device)
+        return self._experts_grouped(buf.reshape(-1, buf.shape[-1]), counts).view(buf.shape)
+
+    def quantized_weight(self, name: str) -> QuantizedWeight:
+        """This rank's experts of weight ``name`` as a :class:`~torchmoe.QuantizedWeight` (``[E/W, ...]``)."""
+        qweight = getattr(self, f"{name}_qweight")
+        if qweight is None:
+            raise ValueError(f"{type(self).__name__}: no expert weight {name!r}")
+        return QuantizedWeight(_local(qweight), _local(getattr(self, f"{name}_scales")),
+                               _local(getattr(self, f"{name}_zeros")), self.bits, getattr(self, f"{name}_group_size"),
+                               self.expert_dtype)
+
+    def extra_repr(self) -> str:
+        form = "symmetric" if self.down_proj_zeros is None else "asymmetric"
+        group = f", group_size={self.up_proj_group_size}" if self.bits == 4 else ""
+        return ExpertParallelMoE.extra_repr(self) + f", bits={self.bits}{group}, {form}"
+
+
+_QUANTIZED_CLASS[ExpertParallelMoE] = QuantizedExpertParallelMoE
 
 
 def shard_experts(model: nn.Module, mesh: Optional[DeviceMesh] = None, *, group=None,

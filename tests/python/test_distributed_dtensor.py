@@ -393,6 +393,93 @@ def compile_fullgraph_matches_eager(rank, world):
             _assert_close(a, b, f"compiled vs eager (capacity_factor={cf}, pad_to_capacity={pad})", 1e-12)
 
 
+# ---------------------------------------------------------------- quantized experts under expert parallelism
+
+QUANT_FORMATS = ((8, True), (4, True), (4, False))  # (bits, symmetric)
+
+
+def _quantized_pair(cls, bits, symmetric, mesh, pad=False, capacity_factor=None, seed=0, **kwargs):
+    """(the unsharded layer quantized, the same float layer sharded then quantized)."""
+    from torchmoe.nn import quantize_experts
+
+    torch.manual_seed(seed)
+    full = cls(16, 32, 4, capacity_factor=capacity_factor, **kwargs)
+    ref = quantize_experts(copy.deepcopy(full), bits, 8, symmetric)
+    ep = quantize_experts(shard_experts(copy.deepcopy(full), mesh, pad_to_capacity=pad), bits, 8, symmetric)
+    return ref, ep
+
+
+@case(4)
+def quantized_experts_sharded_match_the_unsharded_quantized_layer(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from torchmoe.distributed import QuantizedExpertParallelMoE
+
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
+    for cls, kwargs in ((MoE, dict(k=2, shared_expert_d_ff=8, shared_expert_gate=True)), (SwitchMoE, {})):
+        for cf, pad in ((None, False), (1.0, False), (1.0, True)):
+            for bits, symmetric in QUANT_FORMATS:
+                what = f"{cls.__name__} capacity_factor={cf} pad={pad} bits={bits} symmetric={symmetric}"
+                ref, ep = _quantized_pair(cls, bits, symmetric, mesh, pad, cf, **kwargs)
+                assert type(ep) is QuantizedExpertParallelMoE, what
+                assert not list(ep.named_parameters(recurse=False)), what  # the experts are frozen buffers
+                shapes = {n: tuple(t.shape) for n, t in ep.state_dict().items()}
+                assert shapes == {n: tuple(t.shape) for n, t in ref.state_dict().items()}, what
+                for name, buf in ep.named_buffers(recurse=False):
+                    assert isinstance(buf, DTensor) and buf.placements == (Shard(0),), (what, name)
+                    assert torch.equal(buf.full_tensor(), ref.get_buffer(name)), (what, name)
+                for dtype in (torch.float32, torch.bfloat16):  # the router and shared expert follow .to(dtype)
+                    ep.to(dtype)
+                    ref.to(dtype)
+                    x = _rand(40 + rank, 5 + 2 * rank, 16, dtype=dtype).requires_grad_()  # uneven token counts
+                    y = ep(x)
+                    y.float().square().sum().backward()
+                    grad, x.grad = x.grad, None
+                    expected = ref(x)
+                    expected.float().square().sum().backward()
+                    tol = 1e-5 if dtype == torch.float32 else 2e-2
+                    _assert_close(y, expected, f"{what} {dtype} output", tol)
+                    _assert_close(grad, x.grad, f"{what} {dtype} input gradient", tol)
+                    assert torch.equal(ep.expert_counts, ref.expert_counts), what
+    with pytest.raises(TypeError, match="shard the float layer first"):
+        shard_experts(ref, mesh)
+    x = _rand(3, 4, 16, dtype=torch.float64) if rank == 1 else _rand(3, 4, 16)
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16"):  # on every rank, not only rank 1
+        ep(x)
+
+
+@case(4)
+def quantized_checkpoint_save_at_4(rank, world):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    ref, ep = _quantized_pair(MoE, 4, False, None, k=2)
+    dcp.save({"model": get_model_state_dict(ep)}, checkpoint_id=os.path.join(_checkpoint_dir(), "quantized"))
+    if rank == 0:
+        torch.save(ref.state_dict(), os.path.join(_checkpoint_dir(), "quantized_expected.pt"))
+    dist.barrier()
+
+
+@case(2)
+def quantized_checkpoint_load_at_2(rank, world):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    expected = torch.load(os.path.join(_checkpoint_dir(), "quantized_expected.pt"))
+    ref, ep = _quantized_pair(MoE, 4, False, None, seed=5, k=2)  # other weights: all must come from the checkpoint
+    state = {"model": get_model_state_dict(ep)}
+    dcp.load(state, checkpoint_id=os.path.join(_checkpoint_dir(), "quantized"))
+    set_model_state_dict(ep, state["model"])
+    _compare_states(_full_model_state(ep), expected, "quantized layer loaded at W=2", 0)
+    ref.load_state_dict(expected)
+    x = _rand(70 + rank, 6, 16, dtype=torch.float32)
+    _assert_close(ep(x), ref(x), "quantized layer loaded at W=2 vs the saved layer", 1e-5)
+    # An unsharded quantized state dict (plain tensors) loads into the shards too.
+    _, ep2 = _quantized_pair(MoE, 4, False, None, seed=6, k=2)
+    ep2.load_state_dict(expected)
+    _assert_close(ep2(x), ref(x), "unsharded quantized state dict loaded into the shards", 1e-5)
+
+
 # ---------------------------------------------------------------- the spawn
 
 def _worker(rank, world, init_file, out_dir, checkpoint_dir):

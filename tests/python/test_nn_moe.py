@@ -452,6 +452,17 @@ def test_moe_bad_arguments():
         MoE(8, 16, 4, k=5)
 
 
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+def test_moe_input_of_the_wrong_width_names_the_argument(impl):
+    moe = MoE(8, 16, 4, k=2, impl=impl)
+    for bad in (torch.randn(3, 7), torch.randn(2, 3, 16), torch.tensor(1.0)):
+        with pytest.raises(ValueError, match=r"argument 'x' must have a last dim of d_model = 8"):
+            moe(bad)
+    scripted = torch.jit.script(MoE(8, 16, 4, k=2))
+    with pytest.raises(Exception, match="argument 'x' must have a last dim of d_model = 8"):
+        scripted(torch.randn(3, 7))
+
+
 def test_extra_repr():
     r = repr(MoE(8, 16, 4, k=2, capacity_factor=1.25, activation="relu"))
     assert "d_model=8, d_ff=16, num_experts=4, k=2, capacity_factor=1.25, activation='relu'" in r

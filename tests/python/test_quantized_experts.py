@@ -91,6 +91,28 @@ def test_16_bit_activations(dtype):
     torch.testing.assert_close(y.float(), ref(x).float(), atol=3e-2, rtol=3e-2)
 
 
+def test_to_dtype_keeps_the_packed_format_and_shared_experts_follow():
+    torch.manual_seed(0)
+    float_layer = MoE(64, 96, num_experts=6, k=2, shared_expert_d_ff=32, shared_expert_gate=True).eval()
+    q = quantize_experts(copy.deepcopy(float_layer), 4, 16, False)
+    before = {n: t.clone() for n, t in q.state_dict().items()}
+    q.to(torch.bfloat16)
+    after = q.state_dict()
+    assert list(after) == list(before)  # same keys, same order
+    for name in ("up_proj_scales", "up_proj_qweight", "up_proj_zeros", "down_proj_scales"):
+        assert torch.equal(after[name], before[name]), name  # scales stay float32, bit for bit
+    assert q.shared_expert.up_proj.dtype == torch.bfloat16 and q.router.weight.dtype == torch.bfloat16
+    ref = dequantized_copy(float_layer, quantize_experts(copy.deepcopy(float_layer), 4, 16, False)).to(torch.bfloat16)
+    x = torch.randn(24, 64).to(torch.bfloat16)
+    torch.testing.assert_close(q(x).float(), ref(x).float(), atol=3e-2, rtol=3e-2)
+    q.float()
+    assert q.up_proj_scales.dtype == torch.float32 and q(x.float()).dtype == torch.float32
+    q.reset_parameters()  # the router and the shared expert; the quantized experts are data
+    assert torch.equal(q.up_proj_qweight, before["up_proj_qweight"])
+    with pytest.raises(ValueError, match="argument 'x' must have a last dim of d_model = 64"):
+        q(torch.randn(3, 63))
+
+
 def test_state_dict_round_trip_into_a_layer_quantized_the_same_way():
     q = quantize_experts(layer("dropless", seed=0), 4, 16, False)
     keys = set(q.state_dict())

@@ -261,6 +261,9 @@ class MoE(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``x [..., d_model]`` -> ``y [..., d_model]``; sets :attr:`aux_loss`, :attr:`expert_counts` and
         :attr:`dropped_tokens`."""
+        if x.dim() == 0 or x.shape[-1] != self.d_model:
+            raise ValueError("MoE: argument 'x' must have a last dim of d_model = " + str(self.d_model)
+                             + ", got shape " + str(list(x.shape)))
         if self.impl == "reference":
             return self._forward_reference(x)
         h = x.reshape(-1, self.d_model)

@@ -39,19 +39,23 @@ class _QuantizedExperts:
     down_proj_zeros: Optional[Tensor]
 
     def _experts_grouped(self, rows: Tensor, counts: Tensor) -> Tensor:
+        return self._quantized_mlp(rows, counts, self.gate_proj_qweight, self.gate_proj_scales, self.gate_proj_zeros,
+                                   self.up_proj_qweight, self.up_proj_scales, self.up_proj_zeros,
+                                   self.down_proj_qweight, self.down_proj_scales, self.down_proj_zeros)
+
+    def _quantized_mlp(self, rows: Tensor, counts: Tensor, gate_qweight: Optional[Tensor],
+                       gate_scales: Optional[Tensor], gate_zeros: Optional[Tensor], up_qweight: Tensor,
+                       up_scales: Tensor, up_zeros: Optional[Tensor], down_qweight: Tensor, down_scales: Tensor,
+                       down_zeros: Optional[Tensor]) -> Tensor:
+        # rows [R, d_model] grouped by expert (counts [E]) -> [R, d_model], on the packed tensors given.
         mm = torch.ops.torchmoe.grouped_mm_quantized
-        up = mm(rows, self.up_proj_qweight, self.up_proj_scales, self.up_proj_zeros, counts, self.bits,
-                self.up_proj_group_size)
-        gate_qweight = self.gate_proj_qweight
-        gate_scales = self.gate_proj_scales
+        up = mm(rows, up_qweight, up_scales, up_zeros, counts, self.bits, self.up_proj_group_size)
         if gate_qweight is not None and gate_scales is not None:
-            gate = mm(rows, gate_qweight, gate_scales, self.gate_proj_zeros, counts, self.bits,
-                      self.gate_proj_group_size)
+            gate = mm(rows, gate_qweight, gate_scales, gate_zeros, counts, self.bits, self.gate_proj_group_size)
             h = torch.ops.torchmoe.swiglu(gate, up)
         else:
             h = self._act(up)
-        return mm(h, self.down_proj_qweight, self.down_proj_scales, self.down_proj_zeros, counts, self.bits,
-                  self.down_proj_group_size)
+        return mm(h, down_qweight, down_scales, down_zeros, counts, self.bits, self.down_proj_group_size)
 
     def _experts_batched(self, buf: Tensor) -> Tensor:
         # [E, capacity, d_model]: every expert has `capacity` rows.
@@ -61,7 +65,27 @@ class _QuantizedExperts:
         return self._capacity_layout(out, cap, split=True)
 
     def reset_parameters(self) -> None:
+        # The quantized experts are frozen data; the router and a shared expert stay float.
         self.router.reset_parameters()
+        if self.shared_expert is not None:
+            self.shared_expert.reset_parameters()
+
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) / .half() / .bfloat16() cast floating buffers, but the scales are part of the packed format
+        # (float32): they follow the device moves only.
+        order = list(self._buffers)
+        scales = {n: t for n, t in self._buffers.items() if n.endswith("_scales") and t is not None}
+        for name in scales:
+            del self._buffers[name]
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            device = self.up_proj_qweight.device
+            for name, t in scales.items():
+                self._buffers[name] = t.to(device)
+            for name in order:  # state_dict keeps its order
+                self._buffers[name] = self._buffers.pop(name)
+        return self
 
     @torch.jit.unused
     def quantized_weight(self, name: str) -> QuantizedWeight:
@@ -100,6 +124,7 @@ class QuantizedSwitchMoE(_QuantizedExperts, SwitchMoE):
     """A :class:`~torchmoe.nn.SwitchMoE` whose experts were quantized by :func:`quantize_experts`."""
 
 
+# Float layer class -> its quantized class; torchmoe.distributed adds ExpertParallelMoE.
 _QUANTIZED_CLASS = {MoE: QuantizedMoE, SwitchMoE: QuantizedSwitchMoE}
 
 
@@ -110,9 +135,14 @@ def _quantize_layer(layer: MoE, bits: int, group_size: int, symmetric: bool) -> 
                 raise ValueError(f"quantize_experts: group_size must be an even divisor of {name}'s d_in = {d_in}, "
                                  f"got {group_size}")
     dtype = layer.up_proj.dtype
+    # An expert-parallel layer quantizes its own experts (the formats are per expert, so the shards are the slices
+    # of the whole layer's packed tensors) and keeps them as DTensors of the global shape when its weights are.
+    as_global = getattr(layer, "_as_global_expert_tensor", None)
     quantized = {}
     for name in _EXPERT_WEIGHTS:
         weight = getattr(layer, name)
+        if weight is not None and hasattr(weight, "to_local"):
+            weight = weight.to_local()
         quantized[name] = None if weight is None else quantize_weight(weight.detach(), bits, group_size, symmetric)
     for name, qw in quantized.items():
         del layer._parameters[name]
@@ -124,7 +154,7 @@ def _quantize_layer(layer: MoE, bits: int, group_size: int, symmetric: bool) -> 
             if tensor is None:
                 setattr(layer, f"{name}_{suffix}", None)
             else:
-                layer.register_buffer(f"{name}_{suffix}", tensor)
+                layer.register_buffer(f"{name}_{suffix}", tensor if as_global is None else as_global(tensor))
     layer.bits = bits
     for name, qw in quantized.items():
         setattr(layer, f"{name}_group_size", 0 if qw is None else qw.group_size)
@@ -135,8 +165,10 @@ def _quantize_layer(layer: MoE, bits: int, group_size: int, symmetric: bool) -> 
 def quantize_experts(module: nn.Module, bits: int = 8, group_size: int = 128, symmetric: bool = True) -> nn.Module:
     """Quantize the experts of every MoE layer in ``module``, in place, for serving.
 
-    Every :class:`~torchmoe.nn.MoE` and :class:`~torchmoe.nn.SwitchMoE` (dropless or capacity mode) inside
-    ``module`` (``module`` itself included) keeps its router and has each expert weight ``W`` replaced by
+    Every :class:`~torchmoe.nn.MoE`, :class:`~torchmoe.nn.SwitchMoE` (dropless or capacity mode) and
+    :class:`~torchmoe.distributed.ExpertParallelMoE` (each rank quantizes its own experts; with a mesh the packed
+    tensors are DTensors of the whole layer's shape, so checkpoints reshard) inside ``module`` (``module`` itself
+    included) keeps its router and has each expert weight ``W`` replaced by
     :func:`torchmoe.quantize_weight(W, bits, group_size, symmetric) <torchmoe.quantize_weight>`, stored as buffers
     (``state_dict`` holds ``<name>_qweight``, ``<name>_scales`` and for asymmetric int4 ``<name>_zeros``; load such
     a state dict into a layer quantized the same way). Deterministic: the layer computes what the float layer
