@@ -286,6 +286,7 @@ class ExpertParallelMoE(MoE):
         if isinstance(moe, _QuantizedExperts):
             raise TypeError(f"ExpertParallelMoE.from_moe: {type(moe).__name__} has quantized experts; shard the float "
                             f"layer first, then quantize it (torchmoe.nn.quantize_experts on the sharded model)")
+        moe.aux_loss  # a deferred aux loss (a forward under no_grad) becomes an attribute like the others
         ep = cls.__new__(cls)
         nn.Module.__init__(ep)
         for name, value in vars(moe).items():

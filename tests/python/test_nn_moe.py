@@ -1,6 +1,7 @@
 """torchmoe.nn routers, MoE and SwitchMoE against straightforward references written from the seeds and
 papers (a Python loop over experts, the seed's top-k + -inf scatter + softmax router, the seed's
 priority-wise capacity queue), with the same weights; gradients, TorchScript, torch.compile."""
+import copy
 import math
 
 import pytest
@@ -624,3 +625,30 @@ def test_compile_dynamic_shapes(capacity_factor):
         counts, dropped = moe.expert_counts.clone(), moe.dropped_tokens.clone()
         torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-6)
         assert torch.equal(moe.expert_counts, counts) and torch.equal(moe.dropped_tokens, dropped)
+
+
+@pytest.mark.parametrize("kwargs", [dict(router="noisy"), dict(z_loss_weight=0.1, capacity_factor=1.0), {}],
+                         ids=["noisy", "z-loss-capacity", "plain"])
+@pytest.mark.parametrize("training", [True, False])
+def test_aux_loss_under_no_grad_is_computed_when_read_and_equal(kwargs, training):
+    torch.manual_seed(0)
+    moe = MoE(16, 32, 4, k=2, **kwargs).train(training)
+    x = torch.randn(7, 16)
+    torch.manual_seed(1)
+    y = moe(x)
+    expected = moe.aux_loss.detach().clone()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        y_no_grad = moe(x)
+    assert "aux_loss" not in vars(moe)  # deferred: nothing has read it yet
+    assert torch.equal(y_no_grad, y)
+    assert torch.equal(moe.aux_loss, expected) and not moe.aux_loss.requires_grad
+    assert torch.equal(vars(moe)["aux_loss"], expected)  # computed once, then a plain attribute
+    torch.manual_seed(1)
+    with torch.no_grad():
+        moe(x)
+    assert torch.equal(copy.deepcopy(moe).aux_loss, expected)
+    scripted = torch.jit.script(moe)  # scripting a module with a deferred aux loss
+    torch.manual_seed(1)
+    scripted(x)
+    torch.testing.assert_close(scripted.aux_loss.detach(), expected)

@@ -5,6 +5,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "ops/autograd/records_graph.h"
+
 #include "ops/combine.h"
 
 namespace torchmoe::autograd {
@@ -72,12 +74,20 @@ class CombineBackwardFunction : public torch::autograd::Function<CombineBackward
 };
 
 at::Tensor combine_autograd(const at::Tensor& expert_out, const at::Tensor& dest, const at::Tensor& weights) {
+  if (!autograd_detail::records_graph(expert_out, weights)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return ops::combine(expert_out, dest, weights);
+  }
   return CombineFunction::apply(expert_out, dest, weights)[0];
 }
 
 std::tuple<at::Tensor, at::Tensor> combine_backward_autograd(const at::Tensor& grad_output,
                                                              const at::Tensor& expert_out, const at::Tensor& dest,
                                                              const at::Tensor& weights) {
+  if (!autograd_detail::records_graph(grad_output, expert_out, weights)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return ops::detail::_combine_backward(grad_output, expert_out, dest, weights);
+  }
   auto outs = CombineBackwardFunction::apply(grad_output, expert_out, dest, weights);
   return {outs[0], outs[1]};
 }

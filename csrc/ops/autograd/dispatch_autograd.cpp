@@ -4,6 +4,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "ops/autograd/records_graph.h"
+
 #include "ops/dispatch.h"
 
 namespace torchmoe::autograd {
@@ -54,10 +56,18 @@ class DispatchBackwardFunction : public torch::autograd::Function<DispatchBackwa
 };
 
 at::Tensor dispatch_autograd(const at::Tensor& x, const at::Tensor& dest, c10::SymInt num_rows) {
+  if (!autograd_detail::records_graph(x)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return dispatch_symint(x, dest, std::move(num_rows));
+  }
   return DispatchFunction::apply(x, dest, std::move(num_rows))[0];
 }
 
 at::Tensor dispatch_backward_autograd(const at::Tensor& grad_out, const at::Tensor& dest) {
+  if (!autograd_detail::records_graph(grad_out)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return ops::detail::_dispatch_backward(grad_out, dest);
+  }
   return DispatchBackwardFunction::apply(grad_out, dest)[0];
 }
 

@@ -2,6 +2,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "ops/autograd/records_graph.h"
+
 #include "ops/grouped_mm.h"
 
 namespace torchmoe::ops {
@@ -29,6 +31,10 @@ class GroupedMMFunction : public torch::autograd::Function<GroupedMMFunction> {
 };
 
 at::Tensor grouped_mm_autograd(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& counts) {
+  if (!autograd_detail::records_graph(x, weight)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return grouped_mm(x, weight, counts);
+  }
   return GroupedMMFunction::apply(x, weight, counts)[0];
 }
 

@@ -3,6 +3,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "ops/autograd/records_graph.h"
+
 #include "ops/grouped_mm_quantized.h"
 
 namespace torchmoe::ops {
@@ -73,6 +75,10 @@ at::Tensor grouped_mm_quantized_backward_autograd(const at::Tensor& grad_output,
 at::Tensor grouped_mm_quantized_autograd(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                                          const std::optional<at::Tensor>& zeros, const at::Tensor& counts,
                                          int64_t bits, int64_t group_size) {
+  if (!autograd_detail::records_graph(x)) {  // the packed weights are frozen data
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return grouped_mm_quantized(x, qweight, scales, zeros, counts, bits, group_size);
+  }
   return GroupedMMQuantizedFunction::apply(x, qweight, scales, zeros, counts, bits, group_size)[0];
 }
 

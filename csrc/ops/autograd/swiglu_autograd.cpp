@@ -2,6 +2,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "ops/autograd/records_graph.h"
+
 #include "ops/swiglu.h"
 
 namespace torchmoe::autograd {
@@ -28,6 +30,10 @@ class SwigluFunction : public torch::autograd::Function<SwigluFunction> {
 };
 
 at::Tensor swiglu_autograd(const at::Tensor& gate, const at::Tensor& up) {
+  if (!autograd_detail::records_graph(gate, up)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return ops::swiglu(gate, up);
+  }
   return SwigluFunction::apply(gate, up)[0];
 }
 

@@ -4,6 +4,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "ops/autograd/records_graph.h"
+
 #include "ops/topk_gating.h"
 
 namespace torchmoe::ops {
@@ -62,6 +64,10 @@ std::tuple<at::Tensor, at::Tensor> topk_gating_autograd(const at::Tensor& logits
                                                         const std::optional<at::Tensor>& expert_bias,
                                                         int64_t num_expert_groups, int64_t topk_expert_groups,
                                                         double scale) {
+  if (!autograd_detail::records_graph(logits, expert_bias)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return topk_gating(logits, k, score_func, renormalize, expert_bias, num_expert_groups, topk_expert_groups, scale);
+  }
   auto out = TopkGatingFunction::apply(logits, k, score_func, renormalize, expert_bias, num_expert_groups,
                                        topk_expert_groups, scale);
   return {out[0], out[1]};

@@ -69,7 +69,7 @@ class MoE(nn.Module):
     Attributes (after each forward):
         aux_loss: 0-d float32 tensor, ``aux_loss_weight * switch_load_balancing_loss + z_loss_weight *
             router_z_loss`` (``+ aux_loss_weight * router.load_loss`` with the noisy router). Add it to the
-            training loss.
+            training loss. After a forward under ``torch.no_grad()`` it is computed when first read (same value).
         expert_counts: int64 ``[E]``, (token, choice) assignments per expert before dropping. Feed it to
             ``router.update_expert_bias`` when ``use_expert_bias=True``.
         dropped_tokens: int64 0-d tensor, number of dropped (token, choice) slots (0 when dropless).
@@ -250,11 +250,51 @@ class MoE(nn.Module):
         # give such capacities); both tensors are contiguous, so their strides give the same views.
         return t.as_strided((E, cap, d), (cap * d, d, 1)) if split else t.as_strided((E * cap, d), (d, 1))
 
-    def _aux_losses(self, logits: Tensor, indices: Tensor, counts: Optional[Tensor] = None) -> Tensor:
+    def _defer_aux_loss(self) -> bool:
+        if torch.jit.is_scripting():
+            return False
+        return self._defer_aux_loss_eager()
+
+    @torch.jit.unused
+    def _defer_aux_loss_eager(self) -> bool:
+        return not torch.is_grad_enabled() and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+
+    @torch.jit.unused
+    def _defer_aux_loss_to_first_read(self, logits: Tensor, indices: Tensor, counts: Tensor) -> None:
+        # Inference: nothing can backpropagate through the aux loss, so it is computed from the routing only when
+        # read (a dozen small ops, a third of a decode step's time outside the experts); the same value.
+        self.__dict__.pop("aux_loss", None)
+        self._pending_aux_loss = (logits, indices, counts, self._load_loss())
+
+    @torch.jit.unused
+    def __prepare_scriptable__(self):
+        self.aux_loss  # a deferred aux loss becomes the attribute TorchScript types
+        return self
+
+    @torch.jit.unused
+    def __getattr__(self, name: str):
+        # Only reached when normal lookup misses: `aux_loss` after a deferred forward (see forward).
+        if name == "aux_loss":
+            pending = self.__dict__.pop("_pending_aux_loss", None)
+            if pending is not None:
+                logits, indices, counts, load_loss = pending
+                with torch.no_grad():
+                    value = router_aux_loss(logits, indices, self.score_func, self.aux_loss_weight,
+                                            self.z_loss_weight, load_loss, counts)
+                self.__dict__["aux_loss"] = value
+                return value
+        return nn.Module.__getattr__(self, name)
+
+    def _load_loss(self) -> Optional[Tensor]:
+        # the noisy router's load loss, counted in training only
         load_loss: Optional[Tensor] = None
         if hasattr(self.router, "load_loss"):
             if self.training:
                 load_loss = self.router.load_loss
+        return load_loss
+
+    def _aux_losses(self, logits: Tensor, indices: Tensor, counts: Optional[Tensor] = None) -> Tensor:
+        load_loss = self._load_loss()
         return router_aux_loss(logits, indices, self.score_func, self.aux_loss_weight, self.z_loss_weight, load_loss,
                                counts)
 
@@ -289,7 +329,10 @@ class MoE(nn.Module):
         y = ops.combine(out, dest, weights)
         if self.shared_expert is not None:
             y = y + self.shared_expert(h)
-        self.aux_loss = self._aux_losses(logits, indices, counts)
+        if self._defer_aux_loss():
+            self._defer_aux_loss_to_first_read(logits, indices, counts)
+        else:
+            self.aux_loss = self._aux_losses(logits, indices, counts)
         self.expert_counts = counts
         self.dropped_tokens = dropped
         return y.view(x.shape)
