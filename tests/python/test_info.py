@@ -16,7 +16,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_info(*args, env=None):
-    full_env = dict(os.environ, **(env or {}))
+    # The caller's own TORCHMOE_* variables (scripts/test.sh sets some) would show up in the report too.
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHMOE_")}
+    full_env.update(env or {})
     result = subprocess.run([sys.executable, "-m", "torchmoe", "info", *args], capture_output=True, text=True,
                             timeout=120, env=full_env, check=False)
     assert result.returncode == 0, result.stderr
