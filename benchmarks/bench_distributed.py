@@ -16,6 +16,11 @@ forward (the count packet included), per token, against the theory for uniform r
 to their experts' ranks and come back, so 2 * k * (W-1)/W rows of d_model elements leave the rank; backward
 sends the same again. With pad_to_capacity every expert's buffer travels whole, padding included.
 On 2 cores, W=4 runs 4 processes on 2 cores: absolute speed is not the point there, the ratios and bytes are.
+
+Shared expert: at W >= 2 the same step of a dropless layer with a shared expert (``shared_expert_d_ff``,
+default --d-ff) is timed with ``overlap_shared_expert`` True (the shared expert's two halves computed while the
+two exchanges are in flight, the default) and False (exchange, then compute), alternating as above; "overlap /
+sequential" below 1 is what the overlap saves.
 """
 import argparse
 import datetime
@@ -93,7 +98,17 @@ def _worker(rank, world, init_file, args, queue):
         fwd_bytes = _count_bytes(lambda: ep(x), rank)
         ep_s, full_s, ratio = _time_pair(step(ep), step(full), args.reps, args.inner)
         if rank == 0:
-            queue.put((world, mode, ep_s, full_s, ratio, fwd_bytes / args.tokens))
+            queue.put(("ep", world, mode, ep_s, full_s, ratio, fwd_bytes / args.tokens))
+    if world > 1:  # the shared expert with and without the overlap (at W=1 nothing is exchanged)
+        torch.manual_seed(0)
+        full = MoE(args.d_model, args.d_ff, args.experts, k=args.k, capacity_factor=None,
+                   shared_expert_d_ff=args.shared_d_ff or args.d_ff)
+        overlapped = ExpertParallelMoE.from_moe(full)
+        sequential = ExpertParallelMoE.from_moe(full)
+        sequential.overlap_shared_expert = False
+        on_s, off_s, ratio = _time_pair(step(overlapped), step(sequential), args.reps, args.inner)
+        if rank == 0:
+            queue.put(("shared", world, "dropless", on_s, off_s, ratio))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -118,6 +133,7 @@ def main(argv=None):
     p.add_argument("--d-ff", type=int, default=512)
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--k", type=int, default=2)
+    p.add_argument("--shared-d-ff", type=int, default=0, help="the shared expert's d_ff (0: --d-ff)")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--inner", type=int, default=3, help="steps per measurement")
     args = p.parse_args(argv)
@@ -129,12 +145,25 @@ def main(argv=None):
           "| sent bytes/token fwd | theory 2k(W-1)/W rows | measured / theory |")
     print("|---|---|---|---|---|---|---|---|---|")
     row_bytes = args.d_model * 4
+    shared_rows = []
     for world in args.worlds:
-        for world_, mode, ep_s, full_s, ratio_s, sent in run_world(world, args):
+        for kind, world_, mode, *row in run_world(world, args):
+            if kind == "shared":
+                shared_rows.append((world_, mode, *row))
+                continue
+            ep_s, full_s, ratio_s, sent = row
             theory = 2 * args.k * (world_ - 1) / world_ * row_bytes
             ratio = f"{sent / theory:.2f}" if theory else "-"
             print(f"| {world_} | {mode} | {ep_s * 1e3:.1f} | {full_s * 1e3:.1f} | {ratio_s:.2f} | "
                   f"{world_ * args.tokens / ep_s:,.0f} | {sent:,.0f} | {theory:,.0f} | {ratio} |", flush=True)
+    if shared_rows:
+        print(f"\nWith a shared expert (d_ff={args.shared_d_ff or args.d_ff}), ExpertParallelMoE.overlap_shared_expert "
+              f"True (computed during the exchanges) vs False (after them); medians of {args.reps} x {args.inner} "
+              f"steps\n")
+        print("| W | mode | overlap step ms | sequential step ms | overlap / sequential |")
+        print("|---|---|---|---|---|")
+        for world_, mode, on_s, off_s, ratio_s in shared_rows:
+            print(f"| {world_} | {mode} | {on_s * 1e3:.1f} | {off_s * 1e3:.1f} | {ratio_s:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

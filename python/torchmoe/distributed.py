@@ -754,6 +754,8 @@ def fully_shard_expert_parallel(model: nn.Module, mesh: DeviceMesh, *, dp_dim: s
             fully_shard(layer.shared_expert, mesh=flat, **fully_shard_kwargs)
         fully_shard(layer, mesh=mesh[dp_dim], **fully_shard_kwargs)  # what is left in it: the experts
         layer.set_gradient_divide_factor(float(mesh.size()))
+        if mesh.device_type == "cpu":  # FSDP2 reduces float32/bf16 with a custom factor by PREMUL_SUM, not in gloo
+            layer.set_force_sum_reduction_for_comms(True)  # a sum, then the division
     if wrap_root and not isinstance(model, ExpertParallelMoE):
         fully_shard(model, mesh=flat, **fully_shard_kwargs)
     return model

@@ -12,6 +12,7 @@ import copy
 import datetime
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -633,6 +634,53 @@ def test_example_under_torchrun_matches_single_process(mode):
     assert "2 rank(s) on cpu (gloo)" in out and "tokens/s over all ranks" in out, out[-3000:]
     assert "rank 0 (experts 0-3)" in out and "rank 1 (experts 4-7)" in out, out[-3000:]
     assert "(OK, tolerance 1e-09)" in out, out[-3000:]
+
+
+EXAMPLE_TINY = ["--corpus-chars", "20000", "--batch-size", "4"]
+
+
+def _example(nproc, *args, timeout=120):
+    """The example under torchrun with nproc ranks (0: a plain process, no process group), tiny sizes; its output
+    after asserting that it exited 0."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
+    code, out = _run_bounded((launch if nproc else [sys.executable]) + [EXAMPLE, *EXAMPLE_TINY, *args], timeout)
+    assert code == 0, out[-3000:]
+    return out
+
+
+def _final_loss(out):
+    return next(line for line in out.splitlines() if line.startswith("final loss"))
+
+
+def test_example_checkpoint_resumes_at_another_world_size(tmp_path):
+    """Saved at W=2 (with --clip, every 2 steps), resumed from step 2 at W=2 (the same final loss as the run
+    straight through) and in one plain process (W=1); every run's own replay check passes (losses and, with
+    --clip, gradient norms), for the resumed ones from the checkpoint's state on."""
+    straight = tmp_path / "straight"
+    out = _example(2, "--steps", "4", "--clip", "0.5", "--checkpoint-dir", str(straight), "--checkpoint-every", "2")
+    assert f"saved {straight / 'step-000002'}" in out and f"saved {straight / 'step-000004'}" in out, out[-3000:]
+    assert "gradient norm (clipped to 0.5)" in out and "clipped in 4 of 4 steps" in out, out[-3000:]
+    assert "single-process run of the same steps" in out and out.count("(OK, tolerance 1e-09)") == 2, out[-3000:]
+    for nproc in (2, 0):
+        resumed = tmp_path / f"resumed{nproc}"
+        shutil.copytree(straight / "step-000002", resumed / "step-000002")
+        out2 = _example(nproc, "--steps", "4", "--clip", "0.5", "--checkpoint-dir", str(resumed))
+        assert f"resumed from {resumed / 'step-000002'} (step 2)" in out2, out2[-3000:]
+        assert "single-process run of steps 3-4 from the checkpoint" in out2, out2[-3000:]
+        assert out2.count("(OK, tolerance 1e-09)") == 2, out2[-3000:]
+        assert (resumed / "step-000004" / ".metadata").is_file()
+        if nproc == 2:  # the same ranks' batches: bitwise the run straight through
+            assert _final_loss(out2) == _final_loss(out), (out[-1500:], out2[-1500:])
+    out3 = _example(0, "--steps", "4", "--checkpoint-dir", str(straight), "--no-check")
+    assert "nothing to train: the checkpoint is at step 4" in out3, out3[-3000:]
+
+
+def test_example_fsdp_on_a_2x2_mesh_matches_single_process():
+    out = _example(4, "--steps", "3", "--fsdp", "--ep-size", "2", "--clip", "0.5", timeout=180)
+    assert "4 rank(s) on cpu (gloo)" in out and "FSDP2 on a (dp, ep) = (2, 2) mesh" in out, out[-3000:]
+    for line in ("ep rank 0, ranks [0, 2] (experts 0-3)", "ep rank 1, ranks [1, 3] (experts 4-7)"):
+        assert line in out, out[-3000:]
+    assert "single-process run of the same steps" in out and out.count("(OK, tolerance 1e-09)") == 2, out[-3000:]
 
 
 def test_distributed_module_loads_on_first_use():

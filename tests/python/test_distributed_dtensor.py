@@ -368,6 +368,23 @@ def fsdp2_2x2_matches_single_process(rank, world):
         _assert_close(_full(param.detach()), reference.get_parameter(name).detach(), f"{name} after 3 steps", 1e-9)
 
 
+@case(4)
+def fsdp2_2x2_float32_on_gloo(rank, world):
+    """float32: FSDP2 would reduce the experts' gradients (custom divide factor) with PREMUL_SUM, which gloo lacks."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "ep"))
+    reference = _make_net().float()
+    model = fully_shard_expert_parallel(copy.deepcopy(reference), mesh)
+    xs = [_rand(950 + s, 10 + s, 8, dtype=torch.float32) for s in range(world)]
+    for x in xs:
+        (reference(x).square().mean() / world).backward()
+    model(xs[rank]).square().mean().backward()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(_full(param.grad), reference.get_parameter(name).grad, rtol=1e-5, atol=1e-6,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
 # ---------------------------------------------------------------- torch.compile(fullgraph=True)
 
 @case(2)

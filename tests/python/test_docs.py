@@ -29,10 +29,6 @@ MARKER = re.compile(r"^\s*<!--\s*doctest:\s*(.*?)\s*-->\s*$")
 FENCE = re.compile(r"^(\s*)(`{3,}|~{3,})\s*([\w+-]*)")
 TIMEOUT_S = 240
 
-# Pages other branches add (quantized experts, distributed training recipes): links to them are allowed before
-# they land. Once they exist they are checked like any other page.
-PENDING_PAGES = {"docs/quantization.md", "docs/distributed-training.md"}
-
 
 @dataclass
 class Block:
@@ -153,8 +149,7 @@ def test_relative_links_resolve():
             if re.match(r"^[a-z]+:", target):
                 continue
             resolved = (page.parent / target).resolve()
-            relative = os.path.relpath(resolved, ROOT)
-            if not resolved.exists() and relative not in PENDING_PAGES:
+            if not resolved.exists():
                 broken.append(f"{page.relative_to(ROOT)} -> {target}")
     assert not broken, broken
 
