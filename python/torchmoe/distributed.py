@@ -228,7 +228,9 @@ class ExpertParallelMoE(MoE):
     """:class:`torchmoe.nn.MoE` (or :class:`~torchmoe.nn.SwitchMoE`) with its experts sharded over a process group.
 
     Rank ``r`` of a group of ``W`` holds experts ``[r*E/W, (r+1)*E/W)`` under the same parameter names as
-    :class:`MoE` (``gate_proj``, ``up_proj``, ``down_proj``, first dim ``E/W``); the router is replicated. Each
+    :class:`MoE` (``gate_proj``, ``up_proj``, ``down_proj``: DTensors of the global shape ``[E, ...]``, placed
+    ``Shard(0)`` on the mesh, ``E/W`` experts local; plain ``[E/W, ...]`` tensors without a process group); the
+    router is replicated. Each
     rank routes its own tokens, sends every routed row to the rank that holds its expert
     (``torch.distributed.all_to_all_single``), runs its local experts on what it received, and sends the results
     back, where they are combined with the gate weights. ``E % W`` must be 0.
