@@ -10,9 +10,11 @@ with all-to-all.
 Transport is torch.distributed's (gloo on CPU, NCCL on GPUs); nothing here talks to the network itself. Without an
 initialised process group (and ``group=None``) everything runs as a group of one.
 """
+import atexit
 import copy
 import math
 import operator
+import time
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -33,12 +35,31 @@ __all__ = ["all_to_all", "ExpertParallelMoE", "QuantizedExpertParallelMoE", "sha
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
+# A finished collective's tensors are released by the backend's worker thread (gloo's runLoop), and releasing a
+# tensor that Python has seen takes the GIL. A script that exits within milliseconds of its last collective can
+# reach interpreter finalization while a worker still waits for the GIL; CPython then ends that thread inside a
+# destructor and the process aborts ("terminate called without an active exception", seen in about 1 of 4 runs
+# of a short script on 2 cores). Giving the GIL away for a moment at exit lets the workers finish first.
+_EXIT_GRACE_S = 0.2
+_used_process_group = False
+
+
+def _let_collective_workers_finish() -> None:
+    if _used_process_group:
+        time.sleep(_EXIT_GRACE_S)
+
+
+atexit.register(_let_collective_workers_finish)
+
+
 def _world(group) -> Tuple[int, int]:
     """(world size, rank) of ``group``; (1, 0) when torch.distributed is not initialised and no group is given."""
+    global _used_process_group
     if not (dist.is_available() and dist.is_initialized()):
         if group is not None:
             raise RuntimeError("torchmoe.distributed: group was given but torch.distributed is not initialized")
         return 1, 0
+    _used_process_group = True
     rank = dist.get_rank(group)
     if rank < 0:
         raise ValueError("torchmoe.distributed: this process is not a member of group")
@@ -866,6 +887,7 @@ def clip_grad_norm_(model: Union[nn.Module, Iterable[Tensor]], max_norm: float, 
             norms = torch.stack([torch.linalg.vector_norm(g, norm_type).to(torch.float64) for g in grads])
             acc = norms.max() if infinite else norms.pow(norm_type).sum()
         for dim in dims:
+            _world(mesh.get_group(dim))
             dist.all_reduce(acc, op=dist.ReduceOp.MAX if infinite else dist.ReduceOp.SUM,
                             group=mesh.get_group(dim))
         if total is None:
