@@ -6,22 +6,11 @@ import importlib
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 transformers = pytest.importorskip("transformers")
 
 from torchmoe.integrations import transformers as tm_hf  # noqa: E402
-
-
-class OpRecorder(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "torchmoe":
-            self.ops.append(func._opname)
-        return func(*args, **(kwargs or {}))
+from test_transformers import OpRecorder, _configs  # noqa: E402
 
 
 def _module(family):
@@ -350,15 +339,13 @@ def _deepseek_test_model(k):
 
 
 def _mixtral_model(k):
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    config = MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=16, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=k)
-    return config, MixtralForCausalLM
+    cls, config = _configs()["mixtral"]  # test_transformers' tiny Mixtral: 6 experts
+    config.num_experts_per_tok = k
+    return config, cls
 
 
 @pytest.mark.parametrize("build,k,router_op", [(_deepseek_test_model, 8, True), (_deepseek_test_model, 5, False),
-                                               (_mixtral_model, 4, True), (_mixtral_model, 0, False)])
+                                               (_mixtral_model, 6, True), (_mixtral_model, 0, False)])
 def test_degenerate_models_equal_hf(build, k, router_op):
     config, cls = build(k)
     config.output_router_logits = True

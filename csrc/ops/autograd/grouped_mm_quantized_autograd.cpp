@@ -10,6 +10,23 @@
 namespace torchmoe::ops {
 namespace {
 
+// The packed weight and counts both Functions below keep for their backward.
+void save_weight(torch::autograd::AutogradContext* ctx, const at::Tensor& qweight, const at::Tensor& scales,
+                 const std::optional<at::Tensor>& zeros, const at::Tensor& counts, int64_t bits, int64_t group_size) {
+  ctx->save_for_backward({qweight, scales, zeros.value_or(at::Tensor()), counts});
+  ctx->saved_data["bits"] = bits;
+  ctx->saved_data["group_size"] = group_size;
+}
+
+// op(grad, <the saved weight and counts>): the product of the other direction, from a backward.
+template <typename Op>
+at::Tensor with_saved_weight(torch::autograd::AutogradContext* ctx, const at::Tensor& grad, const Op& op) {
+  const auto saved = ctx->get_saved_variables();
+  const std::optional<at::Tensor> zeros = saved[2].defined() ? std::optional<at::Tensor>(saved[2]) : std::nullopt;
+  return op(grad, saved[0], saved[1], zeros, saved[3], ctx->saved_data["bits"].toInt(),
+            ctx->saved_data["group_size"].toInt());
+}
+
 class GroupedMMQuantizedFunction : public torch::autograd::Function<GroupedMMQuantizedFunction> {
  public:
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
@@ -17,23 +34,15 @@ class GroupedMMQuantizedFunction : public torch::autograd::Function<GroupedMMQua
                                                 const std::optional<at::Tensor>& zeros, const at::Tensor& counts,
                                                 int64_t bits, int64_t group_size) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto out = grouped_mm_quantized(x, qweight, scales, zeros, counts, bits, group_size);
-    ctx->save_for_backward({qweight, scales, zeros.value_or(at::Tensor()), counts});
-    ctx->saved_data["bits"] = bits;
-    ctx->saved_data["group_size"] = group_size;
-    return {out};
+    save_weight(ctx, qweight, scales, zeros, counts, bits, group_size);
+    return {grouped_mm_quantized(x, qweight, scales, zeros, counts, bits, group_size)};
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  const torch::autograd::variable_list& grad_outputs) {
-    const auto saved = ctx->get_saved_variables();
-    const auto& grad_out = grad_outputs[0];
     torch::autograd::variable_list grads(7);
-    if (!grad_out.defined() || !ctx->needs_input_grad(0)) return grads;
-    const std::optional<at::Tensor> zeros = saved[2].defined() ? std::optional<at::Tensor>(saved[2]) : std::nullopt;
-    grads[0] = detail::_grouped_mm_quantized_backward(grad_out, saved[0], saved[1], zeros, saved[3],
-                                                      ctx->saved_data["bits"].toInt(),
-                                                      ctx->saved_data["group_size"].toInt());
+    if (!grad_outputs[0].defined() || !ctx->needs_input_grad(0)) return grads;
+    grads[0] = with_saved_weight(ctx, grad_outputs[0], detail::_grouped_mm_quantized_backward);
     return grads;
   }
 };
@@ -47,21 +56,15 @@ class GroupedMMQuantizedBackwardFunction : public torch::autograd::Function<Grou
                                                 const std::optional<at::Tensor>& zeros, const at::Tensor& counts,
                                                 int64_t bits, int64_t group_size) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto grad_x = detail::_grouped_mm_quantized_backward(grad_output, qweight, scales, zeros, counts, bits, group_size);
-    ctx->save_for_backward({qweight, scales, zeros.value_or(at::Tensor()), counts});
-    ctx->saved_data["bits"] = bits;
-    ctx->saved_data["group_size"] = group_size;
-    return {grad_x};
+    save_weight(ctx, qweight, scales, zeros, counts, bits, group_size);
+    return {detail::_grouped_mm_quantized_backward(grad_output, qweight, scales, zeros, counts, bits, group_size)};
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  const torch::autograd::variable_list& grad_outputs) {
-    const auto saved = ctx->get_saved_variables();
     torch::autograd::variable_list grads(7);
     if (!grad_outputs[0].defined() || !ctx->needs_input_grad(0)) return grads;
-    const std::optional<at::Tensor> zeros = saved[2].defined() ? std::optional<at::Tensor>(saved[2]) : std::nullopt;
-    grads[0] = grouped_mm_quantized(grad_outputs[0], saved[0], saved[1], zeros, saved[3],
-                                    ctx->saved_data["bits"].toInt(), ctx->saved_data["group_size"].toInt());
+    grads[0] = with_saved_weight(ctx, grad_outputs[0], grouped_mm_quantized);
     return grads;
   }
 };

@@ -82,11 +82,7 @@ struct SkinnyBlock {
   int64_t begin, end;
 };
 
-// About 4 blocks per thread over all skinny experts, each a multiple of 64 columns (whole cache lines of w,
-// and whole strips of the kernel for 2 or more rows), widened toward 4 KiB of each weight row as long as every
-// thread still gets a block: a thread's reads then run a page at a time, which the hardware prefetcher follows
-// (narrow pieces of many rows leave the misses to software prefetches, of which a core keeps few in flight:
-// half the read bandwidth at one token on 2 cores).
+// The skinny experts' column blocks (see skinny_block_width).
 std::vector<SkinnyBlock> skinny_blocks(const std::vector<int64_t>& offsets, int64_t width, int64_t element_size,
                                        bool dtype_ok) {
   std::vector<int64_t> experts;
@@ -95,14 +91,7 @@ std::vector<SkinnyBlock> skinny_blocks(const std::vector<int64_t>& offsets, int6
   }
   std::vector<SkinnyBlock> blocks;
   if (experts.empty() || width == 0) return blocks;
-  constexpr int64_t kAlign = 64;
-  auto aligned = [&](int64_t n) { return std::max<int64_t>(kAlign, (n + kAlign - 1) / kAlign * kAlign); };
-  const int64_t threads = at::get_num_threads();
-  const int64_t num_experts = static_cast<int64_t>(experts.size());
-  const int64_t per_expert = (4 * threads + num_experts - 1) / num_experts;
-  int64_t chunk = aligned((width + per_expert - 1) / per_expert);
-  const int64_t page = 4096 / std::max<int64_t>(element_size, 1);
-  if (chunk < page) chunk = std::max(chunk, std::min(page, aligned(width * num_experts / threads)));
+  const int64_t chunk = cpu::skinny_block_width(width, static_cast<int64_t>(experts.size()), element_size);
   for (int64_t e : experts) {
     for (int64_t j = 0; j < width; j += chunk) blocks.push_back({e, j, std::min(width, j + chunk)});
   }

@@ -65,18 +65,11 @@ struct Block {
 
 bool skinny_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
 
-// Skinny experts' column blocks: about 4 per thread over all of them, whole cache lines of every packed row,
-// widened toward a page of each row while every thread keeps one (as grouped_mm's skinny blocks).
+// The skinny experts' column blocks (see cpu::skinny_block_width).
 void add_skinny_blocks(const std::vector<int64_t>& experts, int64_t width, std::vector<Block>& blocks) {
   if (experts.empty() || width == 0) return;
-  constexpr int64_t kAlign = 64;
-  auto aligned = [&](int64_t n) { return std::max<int64_t>(kAlign, (n + kAlign - 1) / kAlign * kAlign); };
-  const int64_t threads = at::get_num_threads();
-  const int64_t num_experts = static_cast<int64_t>(experts.size());
-  const int64_t per_expert = (4 * threads + num_experts - 1) / num_experts;
-  int64_t chunk = aligned((width + per_expert - 1) / per_expert);
-  constexpr int64_t kPage = 4096;  // bytes, one per column of a packed row
-  if (chunk < kPage) chunk = std::max(chunk, std::min(kPage, aligned(width * num_experts / threads)));
+  // one byte per column of a packed row (int8: a value; int4: two values along the reduction)
+  const int64_t chunk = cpu::skinny_block_width(width, static_cast<int64_t>(experts.size()), 1);
   for (int64_t e : experts) {
     for (int64_t j = 0; j < width; j += chunk) blocks.push_back({e, j, std::min(width, j + chunk), true});
   }
@@ -111,25 +104,33 @@ void skinny_block(const QuantizedWeights& w, const Block& b, const at::Tensor& x
                               out.mutable_data_ptr<T>() + row0 * w.d_out, w.d_out);
 }
 
+// w[e][i0:i1, j0:j1] dequantized to T, in this thread's scratch (valid until the thread's next panel).
+template <typename T>
+at::Tensor dequantized_panel(const QuantizedWeights& w, int64_t e, int64_t i0, int64_t i1, int64_t j0, int64_t j1,
+                             const at::TensorOptions& options) {
+  T* panel = static_cast<T*>(scratch(static_cast<size_t>((i1 - i0) * (j1 - j0)) * sizeof(T)));
+  cpu::dequantize_block<T>(w.expert(e), i0, i1, j0, j1, panel, j1 - j0);
+  return at::from_blob(panel, {i1 - i0, j1 - j0}, options);
+}
+
 // out[rows of e][:, begin:end] = x rows of e @ w[e][:, begin:end], through a dequantized panel.
 template <typename T>
 void panel_block(const QuantizedWeights& w, const Block& b, const at::Tensor& x, const std::vector<int64_t>& offsets,
                  at::Tensor& out) {
   const int64_t row0 = b.row0, rows = b.rows;
   const int64_t cols = b.end - b.begin;
-  T* panel = static_cast<T*>(scratch(static_cast<size_t>(w.d_in * cols) * sizeof(T)));
-  cpu::dequantize_block<T>(w.expert(b.expert), 0, w.d_in, b.begin, b.end, panel, cols);
+  const at::Tensor panel = dequantized_panel<T>(w, b.expert, 0, w.d_in, b.begin, b.end, x.options());
   if constexpr (std::is_same_v<T, float>) {
     if (cpu::fast_sgemm_available() && !cpu::blas_sgemm_preferred()) {
-      cpu::sgemm(rows, cols, w.d_in, x.const_data_ptr<float>() + row0 * w.d_in, w.d_in, 1, panel, cols, 1,
-                 out.mutable_data_ptr<float>() + row0 * w.d_out + b.begin, w.d_out, /*accumulate=*/false);
+      cpu::sgemm(rows, cols, w.d_in, x.const_data_ptr<float>() + row0 * w.d_in, w.d_in, 1,
+                 panel.const_data_ptr<float>(), cols, 1, out.mutable_data_ptr<float>() + row0 * w.d_out + b.begin,
+                 w.d_out, /*accumulate=*/false);
       return;
     }
   }
   // at::mm and a copy: measured faster than at::mm_out into the strided column block (bfloat16: 71 + 8 against
   // 148 us for 64 x 2048 x 128; oneDNN takes a slower path for a given output).
-  out.narrow(0, row0, rows).narrow(1, b.begin, cols)
-      .copy_(at::mm(x.narrow(0, row0, rows), at::from_blob(panel, {w.d_in, cols}, x.options())));
+  out.narrow(0, row0, rows).narrow(1, b.begin, cols).copy_(at::mm(x.narrow(0, row0, rows), panel));
 }
 
 // grad_x[rows of e][:, begin:end] = grad_output rows of e @ w[e][begin:end, :]^T.
@@ -137,11 +138,9 @@ template <typename T>
 void panel_block_backward(const QuantizedWeights& w, const Block& b, const at::Tensor& grad_output,
                           const std::vector<int64_t>& offsets, at::Tensor& grad_x) {
   const int64_t row0 = offsets[b.expert], rows = offsets[b.expert + 1] - row0;
-  const int64_t len = b.end - b.begin;
-  T* panel = static_cast<T*>(scratch(static_cast<size_t>(len * w.d_out) * sizeof(T)));
-  cpu::dequantize_block<T>(w.expert(b.expert), b.begin, b.end, 0, w.d_out, panel, w.d_out);
-  grad_x.narrow(0, row0, rows).narrow(1, b.begin, len)
-      .copy_(at::mm(grad_output.narrow(0, row0, rows), at::from_blob(panel, {len, w.d_out}, grad_output.options()).t()));
+  const at::Tensor panel = dequantized_panel<T>(w, b.expert, b.begin, b.end, 0, w.d_out, grad_output.options());
+  grad_x.narrow(0, row0, rows).narrow(1, b.begin, b.end - b.begin)
+      .copy_(at::mm(grad_output.narrow(0, row0, rows), panel.t()));
 }
 
 #define TORCHMOE_QUANTIZED_CALL(dtype, fn, ...)                                         \

@@ -32,6 +32,22 @@ inline std::vector<int64_t> expert_offsets(const at::Tensor& counts, int64_t num
   return offsets;
 }
 
+// The column width of the skinny experts' tasks (num_experts of them, `width` output columns each, a weight row
+// holding bytes_per_column per column): about 4 tasks per thread, each a multiple of 64 columns (whole cache lines
+// of w, whole strips of the kernels), widened toward 4 KiB of each weight row as long as every thread still gets a
+// task: a thread's reads then run a page at a time, which the hardware prefetcher follows (narrow pieces of many
+// rows leave the misses to software prefetches, of which a core keeps few in flight: half the read bandwidth at
+// one token on 2 cores).
+inline int64_t skinny_block_width(int64_t width, int64_t num_experts, int64_t bytes_per_column) {
+  auto aligned = [](int64_t n) { return std::max<int64_t>(64, (n + 63) / 64 * 64); };
+  const int64_t threads = at::get_num_threads();
+  const int64_t per_expert = (4 * threads + num_experts - 1) / num_experts;
+  const int64_t chunk = aligned((width + per_expert - 1) / per_expert);
+  const int64_t page = 4096 / std::max<int64_t>(bytes_per_column, 1);
+  if (chunk >= page) return chunk;
+  return std::max(chunk, std::min(page, aligned(width * num_experts / threads)));
+}
+
 // Runs fn(task) for every task on the ATen thread pool. Threads take tasks from a shared counter, so
 // uneven tasks (experts of different sizes, grad_x next to grad_weight blocks) still balance; which thread
 // runs a task never changes its result. Workers run with the caller's thread-local state, so the at::mm_out

@@ -83,7 +83,6 @@ inline __mmask16 lane_mask(int64_t left) {
   return left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
 }
 
-constexpr int kMaxGroupRows = 8;
 template <int RB>
 constexpr int kVectors = RB == 1 ? 16 : RB == 2 ? 8 : RB <= 4 ? 4 : 2;
 
@@ -194,20 +193,6 @@ void block_strips(const BlockArgs& a, int64_t j0, int64_t width, float* gacc, fl
     } else {
       qstrip<BITS, Asym, RB, false>(a, j0 + c, cols, gacc + c, total + c, width);
     }
-  }
-}
-
-template <typename Fn>
-void with_group_rows(int rows, const Fn& fn) {
-  switch (rows) {
-    case 1: fn(std::integral_constant<int, 1>{}); break;
-    case 2: fn(std::integral_constant<int, 2>{}); break;
-    case 3: fn(std::integral_constant<int, 3>{}); break;
-    case 4: fn(std::integral_constant<int, 4>{}); break;
-    case 5: fn(std::integral_constant<int, 5>{}); break;
-    case 6: fn(std::integral_constant<int, 6>{}); break;
-    case 7: fn(std::integral_constant<int, 7>{}); break;
-    default: fn(std::integral_constant<int, 8>{}); break;
   }
 }
 

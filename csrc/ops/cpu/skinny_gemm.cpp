@@ -23,9 +23,6 @@
 namespace torchmoe::cpu {
 namespace {
 
-constexpr int kMaxGroupRows = 8;
-
-
 float to_float(float v) { return v; }
 float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
 float to_float(c10::Half v) { return static_cast<float>(v); }
@@ -170,21 +167,6 @@ void block_strips(int64_t kb, int64_t width, const float* x, int64_t ldx, const 
     } else {
       strip<T, RB, false>(kb, x, ldx, w + j, ldw, cols, acc + j, width, first);
     }
-  }
-}
-
-// fn(std::integral_constant<int, RB>{}) for RB = rows (1..kMaxGroupRows): the row count as a template argument.
-template <typename Fn>
-void with_group_rows(int rows, const Fn& fn) {
-  switch (rows) {
-    case 1: fn(std::integral_constant<int, 1>{}); break;
-    case 2: fn(std::integral_constant<int, 2>{}); break;
-    case 3: fn(std::integral_constant<int, 3>{}); break;
-    case 4: fn(std::integral_constant<int, 4>{}); break;
-    case 5: fn(std::integral_constant<int, 5>{}); break;
-    case 6: fn(std::integral_constant<int, 6>{}); break;
-    case 7: fn(std::integral_constant<int, 7>{}); break;
-    default: fn(std::integral_constant<int, 8>{}); break;
   }
 }
 

@@ -15,11 +15,31 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace torchmoe::cpu {
 
 // grouped_mm runs an expert with 1..kSkinnyMaxRows rows on these kernels.
 constexpr int64_t kSkinnyMaxRows = 16;
+
+// The skinny kernels keep up to kMaxGroupRows rows' accumulators in registers at once (a larger expert takes its
+// rows a group at a time). with_group_rows(rows, fn) calls fn(std::integral_constant<int, RB>{}) with RB = rows
+// (1..kMaxGroupRows): the row count as a template argument.
+constexpr int kMaxGroupRows = 8;
+
+template <typename Fn>
+void with_group_rows(int rows, const Fn& fn) {
+  switch (rows) {
+    case 1: fn(std::integral_constant<int, 1>{}); break;
+    case 2: fn(std::integral_constant<int, 2>{}); break;
+    case 3: fn(std::integral_constant<int, 3>{}); break;
+    case 4: fn(std::integral_constant<int, 4>{}); break;
+    case 5: fn(std::integral_constant<int, 5>{}); break;
+    case 6: fn(std::integral_constant<int, 6>{}); break;
+    case 7: fn(std::integral_constant<int, 7>{}); break;
+    default: fn(std::integral_constant<int, kMaxGroupRows>{}); break;
+  }
+}
 
 // True when the AVX-512 kernels run (AVX-512 F, BW and VL, and TORCHMOE_DISABLE_AVX512 unset or "0"); else a
 // portable C++ version does the same sums.
