@@ -22,6 +22,7 @@ constexpr int64_t kChunkBytes = int64_t{1} << 18;
 template <typename Fn>
 void for_chunks(int64_t numel, int64_t element_size, const Fn& fn) {
   const int64_t chunk = kChunkBytes / element_size;
+  if (numel <= chunk) return fn(0, numel);
   parallel_for_as_caller(0, (numel + chunk - 1) / chunk, 1, [&](int64_t first, int64_t last) {
     for (int64_t c = first; c < last; ++c) fn(c * chunk, std::min(chunk, numel - c * chunk));
   });
@@ -34,6 +35,11 @@ at::Tensor swiglu_cpu(const at::Tensor& gate_in, const at::Tensor& up_in) {
   auto out = cpu::empty_output(gate_in.sizes(), gate_in.options());
   auto flat = out.view(-1);
   for_chunks(flat.numel(), flat.element_size(), [&](int64_t begin, int64_t length) {
+    if (length == flat.numel()) {  // one chunk: the tensors themselves (narrow costs a dispatch each)
+      at::silu_out(flat, gate);
+      flat.mul_(up);
+      return;
+    }
     auto o = flat.narrow(0, begin, length);
     at::silu_out(o, gate.narrow(0, begin, length));
     o.mul_(up.narrow(0, begin, length));

@@ -288,9 +288,8 @@ class MoE(nn.Module):
     def _load_loss(self) -> Optional[Tensor]:
         # the noisy router's load loss, counted in training only
         load_loss: Optional[Tensor] = None
-        if hasattr(self.router, "load_loss"):
-            if self.training:
-                load_loss = self.router.load_loss
+        if self.training and hasattr(self.router, "load_loss"):  # hasattr's miss costs an exception: eval skips it
+            load_loss = self.router.load_loss
         return load_loss
 
     def _aux_losses(self, logits: Tensor, indices: Tensor, counts: Optional[Tensor] = None) -> Tensor:
@@ -335,7 +334,7 @@ class MoE(nn.Module):
             self.aux_loss = self._aux_losses(logits, indices, counts)
         self.expert_counts = counts
         self.dropped_tokens = dropped
-        return y.view(x.shape)
+        return y.view_as(x)
 
     @torch.jit.unused
     def _forward_reference(self, x: Tensor) -> Tensor:

@@ -101,14 +101,14 @@ class TopkRouter(nn.Module):
         if torch.compiler.is_compiling() or (w.requires_grad and torch.is_grad_enabled()):
             return w.float()
         try:
-            key = (w.data_ptr(), w._version, w.dtype, w.device)
+            version = w._version
         except RuntimeError:  # an inference-mode tensor has no version counter
             return w.float()
         cache = self.__dict__.get("_float_weight_cache")
-        if cache is not None and cache[0] is w and cache[1] == key:
-            return cache[2]
+        if cache is not None and cache[0] is w and cache[1] == version and cache[2] == w.data_ptr():
+            return cache[3]
         w_float = w.detach().float()
-        self.__dict__["_float_weight_cache"] = (w, key, w_float)
+        self.__dict__["_float_weight_cache"] = (w, version, w.data_ptr(), w_float)
         return w_float
 
     def _float_weight(self) -> Tensor:
