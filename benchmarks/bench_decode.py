@@ -13,7 +13,8 @@ the time to read those bytes, or at larger T the time of its multiply-adds at th
   hit        experts hit, averaged over the rotating token batches
   MB         bytes of the experts hit as stored (int4/int8 codes, scales included) plus the router
   ms         median time of one forward of the whole layer (routing, dispatch, products, combine)
-  roof ms    max(MB / read bandwidth, flops / float32 GEMM rate), both measured in this run
+  roof ms    max(MB / read bandwidth, flops / float32 GEMM rate), both measured in this run (read bandwidth:
+             x.sum() over a float32 buffer of 256 MiB or 4x the last-level cache, whichever is larger)
   of roof    roof ms / ms (1.0 = at the machine's limit)
   other us   the layer's time outside the expert products (its products replaced by their precomputed result)
   x bf16     the bfloat16 layer's ms at this T over this layer's (> 1: faster than bfloat16 experts)
@@ -84,12 +85,15 @@ def cpu_flags() -> str:
     return ""
 
 
-READ_BYTES = 256 << 20
+def read_bytes(llc: int) -> int:
+    """The read probe's size: 256 MiB, or 4x the last-level cache where that is larger (a 300 MiB LLC holds a
+    256 MiB buffer, and the probe then measures the cache, not memory), at most 4 GiB."""
+    return min(max(256 << 20, 4 * llc), 4 << 30)
 
 
 def read_bandwidth(reps: int, x: torch.Tensor) -> float:
-    """GB/s of x.sum() over 256 MiB of float32 (reads only)."""
-    return READ_BYTES / median_times({"sum": lambda: x.sum()}, reps, min_time=0.02)["sum"] / 1e9
+    """GB/s of x.sum() over the float32 buffer x (reads only)."""
+    return x.numel() * x.element_size() / median_times({"sum": lambda: x.sum()}, reps, min_time=0.02)["sum"] / 1e9
 
 
 def gemm_rate(reps: int) -> float:
@@ -232,12 +236,13 @@ def main(argv=None) -> None:
         if name not in DTYPES:
             raise SystemExit(f"--dtypes: {name!r} is not one of {DTYPES}")
 
-    read_buffer = torch.ones(READ_BYTES // 4)
+    llc = last_level_cache_bytes()
+    read_buffer = torch.ones(read_bytes(llc) // 4)
     bw = read_bandwidth(args.reps, read_buffer)
     rate = gemm_rate(args.reps)
-    llc = last_level_cache_bytes()
     print(f"{cpu_model()} ({cpu_flags()}, LLC {llc >> 20} MiB) | torch {torch.__version__} | "
-          f"{torch.get_num_threads()} threads | read {bw:.1f} GB/s (x.sum() over 256 MiB) | float32 GEMM "
+          f"{torch.get_num_threads()} threads | read {bw:.1f} GB/s (x.sum() over {read_bytes(llc) >> 20} MiB) | "
+          "float32 GEMM "
           f"{rate:.0f} GFLOP/s (torch.mm 2048^3) | median of {args.reps}")
     print("| shape | dtype | T | hit | MB | ms | roof ms | of roof | other us | x bf16 | base | base ms | x base |")
     print("|" + "---|" * 13)
