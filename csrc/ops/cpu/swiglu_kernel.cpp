@@ -30,16 +30,16 @@ void for_chunks(int64_t numel, int64_t element_size, const Fn& fn) {
 
 at::Tensor swiglu_cpu(const at::Tensor& gate_in, const at::Tensor& up_in) {
   checks::check_swiglu(gate_in, up_in);
+  auto out = cpu::empty_output(gate_in.sizes(), gate_in.options());
+  if (out.numel() * out.element_size() <= kChunkBytes) {  // one chunk (decode sizes): no views, no pool
+    at::silu_out(out, gate_in);
+    out.mul_(up_in);
+    return out;
+  }
   const auto gate = gate_in.contiguous().view(-1);
   const auto up = up_in.contiguous().view(-1);
-  auto out = cpu::empty_output(gate_in.sizes(), gate_in.options());
   auto flat = out.view(-1);
   for_chunks(flat.numel(), flat.element_size(), [&](int64_t begin, int64_t length) {
-    if (length == flat.numel()) {  // one chunk: the tensors themselves (narrow costs a dispatch each)
-      at::silu_out(flat, gate);
-      flat.mul_(up);
-      return;
-    }
     auto o = flat.narrow(0, begin, length);
     at::silu_out(o, gate.narrow(0, begin, length));
     o.mul_(up.narrow(0, begin, length));
