@@ -237,11 +237,12 @@ def main(argv=None) -> None:
             raise SystemExit(f"--dtypes: {name!r} is not one of {DTYPES}")
 
     llc = last_level_cache_bytes()
-    read_buffer = torch.ones(read_bytes(llc) // 4)
+    probe_bytes = read_bytes(llc)
+    read_buffer = torch.ones(probe_bytes // 4)
     bw = read_bandwidth(args.reps, read_buffer)
     rate = gemm_rate(args.reps)
     print(f"{cpu_model()} ({cpu_flags()}, LLC {llc >> 20} MiB) | torch {torch.__version__} | "
-          f"{torch.get_num_threads()} threads | read {bw:.1f} GB/s (x.sum() over {read_bytes(llc) >> 20} MiB) | "
+          f"{torch.get_num_threads()} threads | read {bw:.1f} GB/s (x.sum() over {probe_bytes >> 20} MiB) | "
           "float32 GEMM "
           f"{rate:.0f} GFLOP/s (torch.mm 2048^3) | median of {args.reps}")
     print("| shape | dtype | T | hit | MB | ms | roof ms | of roof | other us | x bf16 | base | base ms | x base |")

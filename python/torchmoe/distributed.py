@@ -44,6 +44,11 @@ _EXIT_GRACE_S = 0.2
 _used_process_group = False
 
 
+def _note_process_group_use() -> None:
+    global _used_process_group
+    _used_process_group = True
+
+
 def _let_collective_workers_finish() -> None:
     if _used_process_group:
         time.sleep(_EXIT_GRACE_S)
@@ -54,12 +59,11 @@ atexit.register(_let_collective_workers_finish)
 
 def _world(group) -> Tuple[int, int]:
     """(world size, rank) of ``group``; (1, 0) when torch.distributed is not initialised and no group is given."""
-    global _used_process_group
     if not (dist.is_available() and dist.is_initialized()):
         if group is not None:
             raise RuntimeError("torchmoe.distributed: group was given but torch.distributed is not initialized")
         return 1, 0
-    _used_process_group = True
+    _note_process_group_use()
     rank = dist.get_rank(group)
     if rank < 0:
         raise ValueError("torchmoe.distributed: this process is not a member of group")
@@ -887,7 +891,7 @@ def clip_grad_norm_(model: Union[nn.Module, Iterable[Tensor]], max_norm: float, 
             norms = torch.stack([torch.linalg.vector_norm(g, norm_type).to(torch.float64) for g in grads])
             acc = norms.max() if infinite else norms.pow(norm_type).sum()
         for dim in dims:
-            _world(mesh.get_group(dim))
+            _note_process_group_use()
             dist.all_reduce(acc, op=dist.ReduceOp.MAX if infinite else dist.ReduceOp.SUM,
                             group=mesh.get_group(dim))
         if total is None:

@@ -22,7 +22,6 @@ constexpr int64_t kChunkBytes = int64_t{1} << 18;
 template <typename Fn>
 void for_chunks(int64_t numel, int64_t element_size, const Fn& fn) {
   const int64_t chunk = kChunkBytes / element_size;
-  if (numel <= chunk) return fn(0, numel);
   parallel_for_as_caller(0, (numel + chunk - 1) / chunk, 1, [&](int64_t first, int64_t last) {
     for (int64_t c = first; c < last; ++c) fn(c * chunk, std::min(chunk, numel - c * chunk));
   });
