@@ -11,6 +11,10 @@ The CPU paths are worked out here the way the C++ chooses them (``csrc/ops/cpu/s
   or ``"0"``; on an Intel CPU the forward still runs MKL's sgemm (``at::mm``), the backward torchmoe's GEMM;
 - the skinny kernels (an expert with 1 to 16 rows) run AVX-512 with AVX-512 F, BW and VL (and the same
   variable), portable C++ otherwise;
+- bfloat16 experts of 10 to 128 rows (``grouped_mm`` forward, d_in a multiple of 32) and of 8 (int8: 12) to 128
+  rows (``grouped_mm_quantized``, group size a multiple of 32) run on AMX where the CPU has AMX-BF16 (and the
+  skinny kernels' AVX-512 with VBMI), the OS grants the tile state and ``TORCHMOE_DISABLE_AMX`` is unset, empty or
+  ``"0"``;
 - float16 rows convert with F16C where the CPU has AVX and F16C.
 """
 import os
@@ -20,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Union
 
-__all__ = ["info", "cpu_paths", "cuda_archs", "KNOBS"]
+__all__ = ["info", "cpu_paths", "cuda_archs", "KNOBS", "AMX_PATH"]
 
 # Every environment variable the library or its build reads: (name, default, scope, what it does). A test
 # checks that every TORCHMOE_* name read by csrc/ or python/ is here.
@@ -29,12 +33,17 @@ KNOBS = [
      "MiB of freed large CPU op outputs kept for reuse; 0 turns the cache off"),
     ("TORCHMOE_DISABLE_AVX512", "", "run time (read once)",
      "set to anything but '' or '0': no AVX-512 GEMM or skinny kernels (at::mm and portable C++ instead)"),
+    ("TORCHMOE_DISABLE_AMX", "", "run time (read once)",
+     "set to anything but '' or '0': no AMX kernels (the skinny kernels, at::mm and dequantized panels instead)"),
     ("TORCHMOE_GROUPED_MM_FALLBACK", "", "run time, CUDA (read once)",
      "1: CUDA grouped_mm never uses torch's grouped GEMM (torchmoe's own kernels instead)"),
     ("TORCHMOE_CPU_ONLY", "0", "build", "1: build without the CUDA kernels"),
     ("FORCE_CUDA", "0", "build", "1: build the CUDA kernels even where torch or nvcc says no"),
     ("TORCH_CUDA_ARCH_LIST", "8.0;9.0", "build", "GPU architectures the CUDA kernels are compiled for"),
 ]
+
+# cpu_paths()'s entry for the AMX kernels.
+AMX_PATH = "bfloat16 grouped_mm (10-128 rows per expert), grouped_mm_quantized (8-128; int8 12-128)"
 
 # Not torchmoe's, but they decide how fast its CPU kernels run.
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "KMP_AFFINITY", "GOMP_CPU_AFFINITY")
@@ -57,10 +66,14 @@ def _cpuinfo() -> Dict[str, str]:
     return fields
 
 
-def _avx512_disabled() -> bool:
+def _disabled(variable: str) -> bool:
     # The C++ reads it as: set, non-empty and not "0" disables.
-    value = os.environ.get("TORCHMOE_DISABLE_AVX512")
+    value = os.environ.get(variable)
     return value is not None and value != "" and value != "0"
+
+
+def _avx512_disabled() -> bool:
+    return _disabled("TORCHMOE_DISABLE_AVX512")
 
 
 def cpu_paths(flags: Optional[List[str]] = None, vendor: Optional[str] = None,
@@ -75,7 +88,7 @@ def cpu_paths(flags: Optional[List[str]] = None, vendor: Optional[str] = None,
     Returns:
         A dict from what runs (``"grouped_mm float32 forward (17+ rows per expert)"``, ``"... backward"``,
         ``"grouped_mm bf16/fp16 (17+ rows per expert)"``, ``"skinny kernels (1-16 rows per expert)"``,
-        ``"float16 conversion"``) to the path chosen.
+        ``AMX_PATH``, ``"float16 conversion"``) to the path chosen.
     """
     cpu = _cpuinfo() if flags is None or vendor is None else {}
     flag_set = set(flags if flags is not None else cpu.get("flags", "").split())
@@ -100,7 +113,15 @@ def cpu_paths(flags: Optional[List[str]] = None, vendor: Optional[str] = None,
         why_not = " (TORCHMOE_DISABLE_AVX512 is set)"
     elif x86 and not skinny_avx512:
         why_not = " (the CPU lacks AVX-512 F/BW/VL)"
+    amx_flags = {"amx_tile", "amx_bf16", "avx512vbmi"} <= flag_set
+    if skinny_avx512 and amx_flags and not _disabled("TORCHMOE_DISABLE_AMX"):
+        quantized_amx = "AMX (bfloat16 tiles, where the OS grants the tile state)"
+    else:
+        why = (" (TORCHMOE_DISABLE_AMX is set)" if _disabled("TORCHMOE_DISABLE_AMX") and skinny_avx512 and amx_flags
+               else " (no AMX-BF16 with AVX-512 VBMI)")
+        quantized_amx = "skinny kernels (up to 16 rows), at::mm and dequantized panels" + why
     return {
+        AMX_PATH: quantized_amx,
         "grouped_mm float32 forward (17+ rows per expert)": forward,
         "grouped_mm float32 backward (17+ rows per expert)": backward,
         "grouped_mm bf16/fp16 (17+ rows per expert)": "at::mm per 256-row block",

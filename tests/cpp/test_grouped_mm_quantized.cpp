@@ -53,6 +53,27 @@ TEST(GroupedMMQuantized, MatchesGroupedMMOnDequantizedWeight) {
   }
 }
 
+// bfloat16 activations, 1 to 130 rows per expert: the skinny kernel, AMX (8 or 12 to 128 rows, where the CPU has
+// it) and the panels. Products of bfloat16 values and codes are exact; the sums and the rounding differ.
+TEST(GroupedMMQuantized, BFloat16AcrossRowCounts) {
+  torch::manual_seed(2);
+  struct Case { int64_t bits, group_size; bool zeros; };
+  for (const Case c : {Case{8, 128, false}, Case{4, 32, false}, Case{4, 64, true}}) {
+    const std::vector<int64_t> counts{1, 8, 12, 0, 40, 128, 130};
+    int64_t n = 0;
+    for (auto v : counts) n += v;
+    auto p = random_packed(7, 128, 100, c.bits, c.group_size, c.zeros);
+    auto x = torch::randn({n, 128}).to(at::kBFloat16);
+    auto cnt = torch::tensor(counts, torch::kLong);
+    auto out = torchmoe::ops::grouped_mm_quantized(x, p.qweight, p.scales, p.zeros, cnt, p.bits, p.group_size);
+    auto w = torchmoe::ops::dequantize_weight(p.qweight, p.scales, p.zeros, p.bits, p.group_size, at::kDouble);
+    auto expected = torchmoe::ops::grouped_mm(x.to(at::kDouble), w, cnt);
+    ASSERT_EQ(out.scalar_type(), at::kBFloat16);
+    const double scale = expected.abs().max().item<double>();
+    EXPECT_LE((out.to(at::kDouble) - expected).abs().max().item<double>(), 2e-2 * scale) << "bits " << c.bits;
+  }
+}
+
 TEST(GroupedMMQuantized, GradientWithRespectToX) {
   torch::manual_seed(1);
   auto p = random_packed(2, 32, 8, 4, 16, true);

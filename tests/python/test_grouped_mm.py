@@ -215,9 +215,46 @@ def test_skinny_experts_match_reference(counts, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_skinny_results_do_not_depend_on_thread_count(dtype):
-    x, w, c = make([1, 0, 2, 16, 5, 40, 3, 9], 96, 200, dtype=dtype, requires_grad=True)
+    # (bfloat16: the experts of 12 and 40 rows run on AMX where the CPU has it)
+    x, w, c = make([1, 0, 2, 16, 5, 40, 3, 9, 12], 96, 200, dtype=dtype, requires_grad=True)
     grad = torch.randn(x.shape[0], 200).to(dtype)
     assert_same_on_thread_counts(x, w, c, grad, (1, 2, 3))
+
+
+# A bfloat16 forward of 10 to 128 rows per expert runs on AMX where the CPU has it (d_in a multiple of 32, weight
+# rows read along): rows around the boundaries, columns around the 64-column strips, a d_in AMX does not take (48),
+# weights whose rows have a stride, and Hugging Face's transposed layout (not on AMX).
+AMX_COUNTS = [[9, 10, 11, 0, 16, 17], [33, 0, 64, 1], [127, 128, 129, 2]]
+
+
+def check_bfloat16_products(out, ref):
+    # Products of bfloat16 values are exact in float32 on every path; only the float32 sums and the rounding differ.
+    err = (out.double() - ref).abs()
+    assert bool((err <= ref.abs() * 2.0 ** -8 + 1e-5 * ref.abs().max()).all()), float(err.max())
+
+
+@pytest.mark.parametrize("d_in,d_out", [(64, 5), (256, 100), (96, 257), (48, 64)])
+def test_bfloat16_row_range(d_in, d_out):
+    for counts in AMX_COUNTS:
+        x, w, c = make(counts, d_in, d_out, dtype=torch.bfloat16)
+        check_bfloat16_products(torchmoe.grouped_mm(x, w, c), ref_fp64(x, w, c))
+        strided_rows = torch.randn(len(counts), d_in, d_out + 9).bfloat16()[:, :, 4:4 + d_out]
+        check_bfloat16_products(torchmoe.grouped_mm(x, strided_rows, c), ref_fp64(x, strided_rows, c))
+        transposed = w.transpose(1, 2).contiguous().transpose(1, 2)
+        check_bfloat16_products(torchmoe.grouped_mm(x, transposed, c), ref_fp64(x, transposed, c))
+
+
+def test_bfloat16_row_range_without_amx():
+    code = """
+import torch, torchmoe
+from test_grouped_mm import AMX_COUNTS, check_bfloat16_products, make, ref_fp64
+for counts in AMX_COUNTS:
+    x, w, c = make(counts, 128, 70, dtype=torch.bfloat16)
+    check_bfloat16_products(torchmoe.grouped_mm(x, w, c), ref_fp64(x, w, c))
+print("ok")
+"""
+    env = dict(TORCHMOE_DISABLE_AMX="1", PYTHONPATH=os.pathsep.join([os.path.dirname(__file__)] + sys.path))
+    assert run_python(code, **env).strip() == "ok"
 
 
 def test_skinny_portable_kernels():
@@ -246,7 +283,7 @@ print("ok")
 
 
 def test_skinny_only_calls_from_many_threads_and_forked_children():
-    # Calls whose experts are all skinny (each thread's kernels keep thread-local buffers) from concurrent
+    # Calls whose experts are all skinny or on AMX (each thread's kernels keep thread-local buffers) from concurrent
     # Python threads, and from a forked child of a process that already ran them. The child runs one thread,
     # as DataLoader workers do: libgomp's team does not survive fork, so any parallel torch op hangs there.
     code = """
@@ -258,8 +295,17 @@ w = torch.randn(4, 96, 300, generator=g)
 c = torch.tensor([1, 3, 0, 2])
 x = torch.randn(6, 96, generator=g)
 want = reference.grouped_mm(x.double(), w.double(), c)
+# bfloat16 experts of 12 and 20 rows: AMX where the CPU has it (its tile state is per thread, granted per process)
+cb = torch.tensor([12, 20])
+xb = torch.randn(32, 96, generator=g).bfloat16()
+wb = w[:2].bfloat16()
+qb = torchmoe.quantize_weight(w[:2], 4, 32)
+want_b = torchmoe.grouped_mm(xb, wb, cb)
+want_q = torchmoe.grouped_mm_quantized(xb, qb, cb)
 def good():
-    return all(torch.allclose(torchmoe.grouped_mm(x, w, c).double(), want, atol=1e-3) for _ in range(20))
+    return all(torch.allclose(torchmoe.grouped_mm(x, w, c).double(), want, atol=1e-3) and
+               torch.equal(torchmoe.grouped_mm(xb, wb, cb), want_b) and
+               torch.equal(torchmoe.grouped_mm_quantized(xb, qb, cb), want_q) for _ in range(20))
 assert good()
 results = []
 threads = [threading.Thread(target=lambda: results.append(good())) for _ in range(4)]

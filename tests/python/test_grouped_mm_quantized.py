@@ -1,12 +1,13 @@
 """grouped_mm_quantized and quantize_weight: against dequantize() followed by the float reference, every bit width,
 group size and symmetry, activations in float32/bfloat16/float16/float64, empty experts, 1 to many rows per expert
-(the skinny kernel and the dequantized-panel path), the portable kernels, thread-count independence, opcheck,
+(the skinny kernel, AMX for bfloat16 and the dequantized-panel path), the portable kernels, thread-count
+independence, opcheck,
 gradcheck, TorchScript, torch.compile, torch.export with a dynamic batch, and bad inputs."""
 import pytest
 import torch
 
 import torchmoe
-from torchmoe import reference
+from torchmoe import _info, reference
 from torchmoe.quantization import dequantize_weight
 
 from conftest import DEVICES, run_python
@@ -145,9 +146,60 @@ def test_empty_and_zero_width():
     assert torchmoe.grouped_mm_quantized(torch.randn(3, 64), qw0, torch.tensor([1, 2])).shape == (3, 0)
 
 
+# Experts of 8 (int8: 12) to 128 rows with bfloat16 activations run on AMX where the CPU has it (group sizes that
+# are multiples of 32), the skinny kernel or the panels elsewhere; rows around each boundary, column counts around
+# the 64-column strips and 32-column units, and a group size that AMX does not take (48).
+AMX_COUNTS = [[7, 8, 9, 0, 11, 12, 16, 17], [33, 0, 64, 1], [127, 128, 129, 2]]
+AMX = _info.cpu_paths()[_info.AMX_PATH].startswith("AMX")
+
+
+def check_bfloat16_rounding(out, ref, counts, max_rows):
+    # Up to max_rows rows (16: the skinny kernel; 128: AMX) an expert's products of bfloat16 activations and codes
+    # are exact; only the float32 sums and the final rounding differ. More rows multiply bfloat16-rounded panels.
+    check_close(out, ref, torch.bfloat16)
+    exact_rows = torch.repeat_interleave(counts <= max_rows, counts)
+    err = (out.double() - ref).abs()[exact_rows]
+    bound = ref.abs()[exact_rows] * 2.0 ** -8 + 1e-5 * ref.abs().max()
+    assert bool((err <= bound).all()), float((err - bound).max())
+
+
+@pytest.mark.parametrize("bits,group_size,symmetric",
+                         FORMATS[:5] + [(8, 32, True), (4, 48, True)],
+                         ids=FORMAT_IDS[:5] + ["int8-g32-sym", "int4-g48-sym"])
+@pytest.mark.parametrize("d_out", [5, 64, 100, 257])
+def test_bfloat16_amx_row_range(bits, group_size, symmetric, d_out):
+    amx = AMX and group_size % 32 == 0
+    for counts in AMX_COUNTS:
+        x, qw, c, _ = make(counts, 384, d_out, bits, group_size, symmetric, dtype=torch.bfloat16)
+        check_bfloat16_rounding(torchmoe.grouped_mm_quantized(x, qw, c), expected(x, qw, c), c, 128 if amx else 16)
+
+
+def test_bfloat16_without_amx():
+    # TORCHMOE_DISABLE_AMX=1: the skinny kernel and the panels take every row count (as on CPUs without AMX)
+    code = f"""
+import torch, torchmoe
+from torchmoe import reference
+g = torch.Generator().manual_seed(0)
+for bits, gs, sym in ((8, 64, True), (4, 32, True), (4, 128, False)):
+    for counts in {AMX_COUNTS!r}:
+        c = torch.tensor(counts)
+        x = torch.randn(int(c.sum()), 128, generator=g).bfloat16()
+        qw = torchmoe.quantize_weight(torch.randn(len(counts), 128, 70, generator=g), bits, gs, sym)
+        out = torchmoe.grouped_mm_quantized(x, qw, c)
+        ref = reference.grouped_mm(x.double(), qw.dequantize(torch.float64), c)
+        exact = torch.repeat_interleave(c <= 16, c)  # the skinny kernel; more rows multiply bfloat16 panels
+        err, scale = (out.double() - ref).abs(), ref.abs().max()
+        assert (err[exact] <= ref.abs()[exact] * 2.0 ** -8 + 1e-5 * scale).all(), (bits, gs, sym)
+        assert err.max() <= 3e-2 * scale, (bits, gs, sym)
+print("ok")
+"""
+    assert run_python(code, TORCHMOE_DISABLE_AMX="1").strip() == "ok"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bits,group_size,symmetric", FORMATS[:3], ids=FORMAT_IDS[:3])
-def test_results_do_not_depend_on_thread_count(bits, group_size, symmetric):
-    x, qw, c, _ = make([1, 5, 0, 16, 40, 3], 256, 200, bits, group_size, symmetric)
+def test_results_do_not_depend_on_thread_count(bits, group_size, symmetric, dtype):
+    x, qw, c, _ = make([1, 5, 0, 16, 40, 3, 9, 100], 256, 200, bits, group_size, symmetric, dtype=dtype)
     old = torch.get_num_threads()
     try:
         outs = []

@@ -85,6 +85,14 @@ def test_cpu_paths_follow_the_cpp_choice(monkeypatch):
     assert only_f["float16 conversion"] == "scalar"
     arm = _info.cpu_paths(["asimd"], "", "aarch64")
     assert arm[forward].startswith("at::mm") and arm[skinny] == "portable C++"
+    quantized = _info.AMX_PATH
+    monkeypatch.delenv("TORCHMOE_DISABLE_AMX", raising=False)
+    amx = avx512 + ["avx512vbmi", "amx_tile", "amx_bf16"]
+    assert _info.cpu_paths(amx, "GenuineIntel", "x86_64")[quantized].startswith("AMX")
+    assert _info.cpu_paths(avx512 + ["avx512vbmi"], "AuthenticAMD", "x86_64")[quantized].startswith("skinny")
+    assert _info.cpu_paths(amx[:2] + amx[6:], "GenuineIntel", "x86_64")[quantized].startswith("skinny")  # no AVX-512
+    monkeypatch.setenv("TORCHMOE_DISABLE_AMX", "1")
+    assert "TORCHMOE_DISABLE_AMX is set" in _info.cpu_paths(amx, "GenuineIntel", "x86_64")[quantized]
     for value, disabled in (("1", True), ("yes", True), ("0", False), ("", False)):
         monkeypatch.setenv("TORCHMOE_DISABLE_AVX512", value)
         paths = _info.cpu_paths(avx512, "AuthenticAMD", "x86_64")

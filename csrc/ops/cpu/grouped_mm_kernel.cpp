@@ -1,13 +1,13 @@
 // grouped_mm on CPU: each expert's product is cut into blocks, and threads take blocks from a shared counter
 // (at::parallel_for workers). An expert with at most kSkinnyMaxRows rows (float32, bfloat16, float16) runs the
-// skinny kernels (skinny_gemm.h: one pass over its weight, cut into column blocks) for its output and its
-// grad_x. Other float32 experts on a CPU with AVX-512 run torchmoe's own GEMM (sgemm.h), except the forward on
-// Intel CPUs, where MKL's is faster (cpu::blas_sgemm_preferred). Both give results
-// that do not depend on how a product is cut, so their blocks are sized to the thread count; the rest run one
-// BLAS call (at::mm_out) per fixed-size block, so every output element comes from the same call whatever
-// the thread count. A weight whose matrix dims have one unit stride (a transposed view such as Hugging Face's
-// [E, d_out, d_in] parameters read as [E, d_in, d_out], or a slice of its columns) is read in place. counts is
-// read on the host (it already lives there on CPU).
+// skinny kernels (skinny_gemm.h: one pass over its weight, cut into column blocks) for its output and its grad_x; a
+// bfloat16 forward of kAmxMinRows to kAmxMaxRows rows runs on AMX where the CPU has it (amx_gemm.h). Other float32
+// experts on a CPU with AVX-512 run torchmoe's own GEMM (sgemm.h), except the forward on Intel CPUs, where MKL's is
+// faster (cpu::blas_sgemm_preferred). Both give results that do not depend on how a product is cut, so their blocks
+// are sized to the thread count; the rest run one BLAS call (at::mm_out) per fixed-size block, so every output
+// element comes from the same call whatever the thread count. A weight whose matrix dims have one unit stride (a
+// transposed view such as Hugging Face's [E, d_out, d_in] parameters read as [E, d_in, d_out], or a slice of its
+// columns) is read in place. counts is read on the host (it already lives there on CPU).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "ops/common/grouped_mm_checks.h"
+#include "ops/cpu/amx_gemm.h"
 #include "ops/cpu/grouped_tasks.h"
 #include "ops/cpu/output_cache.h"
 #include "ops/cpu/parallel.h"
@@ -46,18 +47,37 @@ at::Tensor matrix_strided(const at::Tensor& weight) {
 
 bool skinny_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
 
-// Whether expert e runs on the skinny kernels (for its output and grad_x).
-bool is_skinny(const std::vector<int64_t>& offsets, size_t e, bool dtype_ok) {
+// A bfloat16 forward on AMX (cpu::bf16_amx_mm) takes experts of kAmxMinRows to kAmxMaxRows rows: there the
+// skinny kernel's multiply-adds, or at::mm's packing of the weight, cost more than the weight's interleave into
+// tiles. Measured on a 2-core Xeon (2048 x 1536, 100 weights cycled from memory, us per product, AMX against
+// without): 8 rows 241/257, 12 rows 287/360, 16 rows 309/446, 17 rows 334/418, 32 rows 345/408, 64 rows 419/483,
+// 128 rows 553/627.
+constexpr int64_t kAmxMinRows = 10;
+constexpr int64_t kAmxMaxRows = 128;
+
+bool amx_rows(int64_t rows) { return rows >= kAmxMinRows && rows <= kAmxMaxRows; }
+
+// Whether expert e runs on the skinny kernels (for its output and grad_x), or on AMX (forward, when amx_ok).
+bool is_skinny(const std::vector<int64_t>& offsets, size_t e, bool dtype_ok, bool amx_ok = false) {
   const int64_t rows = offsets[e + 1] - offsets[e];
-  return dtype_ok && rows > 0 && rows <= cpu::kSkinnyMaxRows;
+  return (dtype_ok && rows > 0 && rows <= cpu::kSkinnyMaxRows) || (amx_ok && amx_rows(rows));
+}
+
+// Whether the forward of x @ weight may run on AMX: bfloat16, weight rows read along (unit column stride) and a
+// reduction of whole chunks.
+bool amx_forward_ok(const at::Tensor& x, const at::Tensor& weight) {
+  const int64_t k = weight.size(1);
+  return x.scalar_type() == at::kBFloat16 && weight.stride(2) == 1 && k > 0 && k % cpu::kAmxChunkRows == 0 &&
+         cpu::amx_available();
 }
 
 // Splits each expert's [offsets[e], offsets[e+1]) range into blocks of `block` rows (skipping skinny experts
 // when skip_skinny).
-std::vector<Task> row_tasks(const std::vector<int64_t>& offsets, int64_t block, bool skip_skinny = false) {
+std::vector<Task> row_tasks(const std::vector<int64_t>& offsets, int64_t block, bool skip_skinny = false,
+                            bool skip_amx = false) {
   std::vector<Task> tasks;
   for (size_t e = 0; e + 1 < offsets.size(); ++e) {
-    if (is_skinny(offsets, e, skip_skinny)) continue;
+    if (is_skinny(offsets, e, skip_skinny, skip_amx)) continue;
     for (int64_t r = offsets[e]; r < offsets[e + 1]; r += block) {
       tasks.push_back({false, static_cast<int64_t>(e), r, std::min(block, offsets[e + 1] - r)});
     }
@@ -76,24 +96,29 @@ void run_two(int64_t num_first, const First& first, int64_t num_second, const Se
   run_tasks(ids, [&](int64_t i) { i < num_first ? first(i) : second(i - num_first); });
 }
 
-// Skinny experts' products, cut along their output columns (forward: of out, backward: of grad_x).
+// Skinny (or AMX) experts' products, cut along their output columns (forward: of out, backward: of grad_x).
 struct SkinnyBlock {
   int64_t expert;
   int64_t begin, end;
+  bool amx = false;  // forward on cpu::bf16_amx_mm
 };
 
-// The skinny experts' column blocks (see skinny_block_width).
+// The skinny experts' column blocks (see skinny_block_width), then the AMX experts' (amx_ok: forward only).
 std::vector<SkinnyBlock> skinny_blocks(const std::vector<int64_t>& offsets, int64_t width, int64_t element_size,
-                                       bool dtype_ok) {
-  std::vector<int64_t> experts;
+                                       bool dtype_ok, bool amx_ok = false) {
+  std::vector<int64_t> experts[2];  // skinny kernels, AMX
   for (size_t e = 0; e + 1 < offsets.size(); ++e) {
-    if (is_skinny(offsets, e, dtype_ok)) experts.push_back(static_cast<int64_t>(e));
+    const bool amx = amx_ok && amx_rows(offsets[e + 1] - offsets[e]);
+    if (amx || is_skinny(offsets, e, dtype_ok)) experts[amx].push_back(static_cast<int64_t>(e));
   }
   std::vector<SkinnyBlock> blocks;
-  if (experts.empty() || width == 0) return blocks;
-  const int64_t chunk = cpu::skinny_block_width(width, static_cast<int64_t>(experts.size()), element_size);
-  for (int64_t e : experts) {
-    for (int64_t j = 0; j < width; j += chunk) blocks.push_back({e, j, std::min(width, j + chunk)});
+  if (width == 0) return blocks;
+  for (int amx = 0; amx < 2; ++amx) {
+    if (experts[amx].empty()) continue;
+    const int64_t chunk = cpu::skinny_block_width(width, static_cast<int64_t>(experts[amx].size()), element_size);
+    for (int64_t e : experts[amx]) {
+      for (int64_t j = 0; j < width; j += chunk) blocks.push_back({e, j, std::min(width, j + chunk), amx == 1});
+    }
   }
   return blocks;
 }
@@ -112,6 +137,9 @@ void skinny_block(const SkinnyBlock& b, bool transposed, const at::Tensor& in, c
   const T* in_e = in.const_data_ptr<T>() + row0 * k;
   const T* w_e = weight.const_data_ptr<T>() + b.expert * weight.stride(0);
   T* out_e = out.mutable_data_ptr<T>() + row0 * n;
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (b.amx) return cpu::bf16_amx_mm(rows, k, b.begin, b.end, in_e, k, in.size(0) - row0, w_e, m_rs, out_e, n);
+  }
   if ((weight.stride(2) == 1) != transposed) {
     cpu::skinny_mm<T>(rows, k, b.begin, b.end, in_e, k, w_e, m_rs, out_e, n);
   } else {
@@ -243,7 +271,8 @@ at::Tensor grouped_mm_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, c
   auto out = cpu::empty_output({n, weight.size(2)}, x.options());
   if (n == 0) return out;
   const bool skinny_ok = skinny_dtype(x.scalar_type());
-  const auto skinny = skinny_blocks(offsets, weight.size(2), weight.element_size(), skinny_ok);
+  const bool amx_ok = amx_forward_ok(x, weight);
+  const auto skinny = skinny_blocks(offsets, weight.size(2), weight.element_size(), skinny_ok, amx_ok);
   auto run_skinny = [&](int64_t i) {
     TORCHMOE_SKINNY_CALL(x.scalar_type(), skinny_block, skinny[i], /*transposed=*/false, x, weight, offsets, out);
   };
@@ -252,7 +281,7 @@ at::Tensor grouped_mm_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, c
     grouped_mm_fast(x, weight, offsets, out, num_skinny, run_skinny);
     return out;
   }
-  const auto tasks = row_tasks(offsets, kRowBlock, skinny_ok);
+  const auto tasks = row_tasks(offsets, kRowBlock, skinny_ok, amx_ok);
   run_two(static_cast<int64_t>(tasks.size()), [&](int64_t i) {
     const Task& t = tasks[i];
     auto dst = out.narrow(0, t.begin, t.length);

@@ -20,7 +20,7 @@ namespace torchmoe::cpu {
 
 // One expert's packed weight: the logical matrix is k x n (d_in x d_out).
 struct QuantizedMatrix {
-  int bits;             // 4 or 8
+  int bits;             // 4 or 8 (amx_gemm.cpp also describes a bfloat16 matrix with 16)
   int64_t k, n;         // d_in, d_out
   int64_t group_size;   // reduction rows per scale (divides k; even for 4 bits)
   const uint8_t* q;     // bits 8: k rows of n int8; bits 4: k / 2 rows of n bytes (low nibble: even row)
