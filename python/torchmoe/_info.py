@@ -11,10 +11,10 @@ The CPU paths are worked out here the way the C++ chooses them (``csrc/ops/cpu/s
   or ``"0"``; on an Intel CPU the forward still runs MKL's sgemm (``at::mm``), the backward torchmoe's GEMM;
 - the skinny kernels (an expert with 1 to 16 rows) run AVX-512 with AVX-512 F, BW and VL (and the same
   variable), portable C++ otherwise;
-- bfloat16 experts of 10 to 128 rows (``grouped_mm`` forward, d_in a multiple of 32) and of 8 (int8: 12) to 128
-  rows (``grouped_mm_quantized``, group size a multiple of 32) run on AMX where the CPU has AMX-BF16 (and the
-  skinny kernels' AVX-512 with VBMI), the OS grants the tile state and ``TORCHMOE_DISABLE_AMX`` is unset, empty or
-  ``"0"``;
+- bfloat16 experts of 10 to 128 rows (``grouped_mm`` forward, d_in a multiple of 32) and of 8 to 128 (int8: 12
+  or more) rows (``grouped_mm_quantized``, group size a multiple of 32) run on AMX where the CPU has AMX-BF16 (and
+  the skinny kernels' AVX-512 with VBMI), the OS grants the tile state and ``TORCHMOE_DISABLE_AMX`` is unset, empty
+  or ``"0"``;
 - float16 rows convert with F16C where the CPU has AVX and F16C.
 """
 import os
@@ -43,7 +43,7 @@ KNOBS = [
 ]
 
 # cpu_paths()'s entry for the AMX kernels.
-AMX_PATH = "bfloat16 grouped_mm (10-128 rows per expert), grouped_mm_quantized (8-128; int8 12-128)"
+AMX_PATH = "bfloat16 grouped_mm (10-128 rows per expert), grouped_mm_quantized (int4 8-128, int8 12+)"
 
 # Not torchmoe's, but they decide how fast its CPU kernels run.
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "KMP_AFFINITY", "GOMP_CPU_AFFINITY")

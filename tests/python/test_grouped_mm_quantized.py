@@ -146,15 +146,16 @@ def test_empty_and_zero_width():
     assert torchmoe.grouped_mm_quantized(torch.randn(3, 64), qw0, torch.tensor([1, 2])).shape == (3, 0)
 
 
-# Experts of 8 (int8: 12) to 128 rows with bfloat16 activations run on AMX where the CPU has it (group sizes that
-# are multiples of 32), the skinny kernel or the panels elsewhere; rows around each boundary, column counts around
-# the 64-column strips and 32-column units, and a group size that AMX does not take (48).
-AMX_COUNTS = [[7, 8, 9, 0, 11, 12, 16, 17], [33, 0, 64, 1], [127, 128, 129, 2]]
+# Experts of 8 (int8: 12) to 128 rows (int8: any number) with bfloat16 activations run on AMX where the CPU has it
+# (group sizes that are multiples of 32), the skinny kernel or the panels elsewhere; rows around each boundary, a
+# last expert whose 16-row tiles run past the end of x, more rows than one AMX pass takes (300 > 256), column counts
+# around the 64-column strips and 32-column units, and a group size that AMX does not take (48).
+AMX_COUNTS = [[7, 8, 9, 0, 11, 12, 16, 17], [33, 0, 64, 1], [127, 128, 129, 2, 300]]
 AMX = _info.cpu_paths()[_info.AMX_PATH].startswith("AMX")
 
 
 def check_bfloat16_rounding(out, ref, counts, max_rows):
-    # Up to max_rows rows (16: the skinny kernel; 128: AMX) an expert's products of bfloat16 activations and codes
+    # Up to max_rows rows (16: the skinny kernel; 128: AMX, int8 more) an expert's products of bfloat16 activations and codes
     # are exact; only the float32 sums and the final rounding differ. More rows multiply bfloat16-rounded panels.
     check_close(out, ref, torch.bfloat16)
     exact_rows = torch.repeat_interleave(counts <= max_rows, counts)

@@ -331,8 +331,8 @@ TORCHMOE_AMX void amx_block(const QuantizedMatrix& w, int rows, int tile_rows, i
   }
 }
 
-// Rows of x per call of amx_block (its buffers grow with them).
-constexpr int64_t kMaxBlockRows = 8 * kTileRows;
+// Rows of x per call of amx_block, which decodes the weight once for all of them (its buffers grow with them).
+constexpr int64_t kMaxBlockRows = 16 * kTileRows;
 
 template <int BITS, bool Asym>
 TORCHMOE_AMX void amx_mm_impl(const QuantizedMatrix& w, int64_t rows, int64_t j0, int64_t j1, const c10::BFloat16* x,

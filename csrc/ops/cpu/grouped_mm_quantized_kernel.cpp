@@ -1,6 +1,6 @@
 // grouped_mm_quantized on CPU. Each expert's product is cut into column blocks, and threads take blocks from a
 // shared counter. With bfloat16 activations on a CPU with AMX, an expert of amx_min_rows(bits) to
-// kQuantizedAmxMaxRows rows runs quantized_amx_mm (codes decoded to bfloat16 tiles). An expert with at most
+// amx_max_rows(bits) rows runs quantized_amx_mm (codes decoded to bfloat16 tiles). An expert with at most
 // kQuantizedSkinnyMaxRows rows (float32, bfloat16 or float16 activations) runs quantized_skinny_mm: one pass over
 // its packed weight, dequantized in registers. Other experts (and float64)
 // dequantize one panel of columns (at most kPanelBytes) at a time into a thread-local buffer of the activations'
@@ -10,6 +10,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <limits>
 #include <vector>
 
 #include "ops/common/grouped_mm_quantized_checks.h"
@@ -25,13 +26,14 @@ namespace {
 // Up to this many rows, one pass over the packed weight with the rows' sums in registers beats dequantizing
 // panels for a GEMM.
 constexpr int64_t kQuantizedSkinnyMaxRows = 16;
-// With bfloat16 activations on AMX (cpu::quantized_amx_mm), experts of amx_min_rows(bits) to kQuantizedAmxMaxRows
+// With bfloat16 activations on AMX (cpu::quantized_amx_mm), experts of amx_min_rows(bits) to amx_max_rows(bits)
 // rows: there the decode into tiles costs less than the skinny kernel's multiply-adds and the panels' bfloat16
-// copies. Measured on a 2-core Xeon (2048 x 1536, 200 weights cycled from memory, us per product, AMX against
-// without): int4 4 rows 105/104, 8 rows 174/182, 16 rows 208/349, 32 rows 285/806, 128 rows 832/1076; int8 8 rows
-// 197/194, 12 rows 292/293, 16 rows 307/380, 32 rows 352/1025, 128 rows 622/1270.
+// copies. Measured on a 2-core Xeon (2048 x 1536, 30-200 weights cycled from memory, us per product, AMX against
+// without): int4 4 rows 105/104, 8 rows 174/182, 16 rows 208/349, 32 rows 285/806, 128 rows 650/885, 512 rows
+// 2548/1962 (4 bits scale every group of every row, which the panels fold into the weight); int8 8 rows 197/194,
+// 12 rows 292/293, 16 rows 307/380, 32 rows 352/1025, 128 rows 499/955, 256 rows 768/1326, 1024 rows 3323/4061.
 constexpr int64_t amx_min_rows(int bits) { return bits == 4 ? 8 : 12; }
-constexpr int64_t kQuantizedAmxMaxRows = 128;
+constexpr int64_t amx_max_rows(int bits) { return bits == 4 ? 128 : std::numeric_limits<int64_t>::max(); }
 // A panel stays in L2 while the GEMM reads it; its width depends on the shapes only (never the thread count).
 constexpr int64_t kPanelBytes = int64_t{2} << 20;
 constexpr int64_t kRowBlock = 256;
@@ -199,7 +201,7 @@ at::Tensor grouped_mm_quantized_cpu(const at::Tensor& x_in, const at::Tensor& qw
   for (int64_t e = 0; e + 1 < static_cast<int64_t>(offsets.size()); ++e) {
     const int64_t rows = offsets[e + 1] - offsets[e];
     if (rows == 0) continue;
-    if (amx_ok && rows >= amx_min_rows(w.bits) && rows <= kQuantizedAmxMaxRows) {
+    if (amx_ok && rows >= amx_min_rows(w.bits) && rows <= amx_max_rows(w.bits)) {
       amx_experts.push_back(e);
     } else if (skinny_ok && rows <= kQuantizedSkinnyMaxRows) {
       skinny_experts.push_back(e);
