@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import torchmoe
+from torchmoe.bench import cpu_model
 from torchmoe.nn import MoE
 
 
@@ -115,7 +116,7 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
 
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads; T={args.tokens}, d_model={args.d_model}, "
+        f"{cpu_model()} | torch {torch.__version__}, {torch.get_num_threads()} threads; T={args.tokens}, d_model={args.d_model}, "
         f"d_ff={args.d_ff}, E={args.experts}, k={args.k}, activation={args.activation}, {args.dtype}; "
         f"median of {args.reps}"
     )

@@ -372,7 +372,8 @@ def run(argv=None) -> List[Case]:
         wanted = set(args.only.split(","))
         cases = [c for c in cases if c.op in wanted]
 
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"{cpu_model()}, {torch.get_num_threads()} threads")
     print(f"torchmoe {torchmoe.__version__} | torch {torch.__version__} | {where} | median of {args.reps} | "
           f"copy: a plain copy of each case's bytes (at most {COPY_CAP >> 20} MiB) into an existing buffer; "
           f"clone: the same copy allocating its output")

@@ -40,6 +40,7 @@ def test_quick_run_prints_every_op(capsys):
         assert f"| {op} |" in out
     assert all(c.times["ours"] > 0 for c in cases)
     assert "plain copy" in out
+    assert bench.cpu_model() in out.splitlines()[0]  # every table says which CPU measured it
 
 
 def test_copy_is_timed_on_each_case_bytes(monkeypatch):
@@ -77,3 +78,17 @@ def test_decode_benchmark_quick_run_every_dtype():
     for dtype in ("float32", "bfloat16", "int8", "int4"):
         assert f"| {dtype} | 1 |" in out.stdout and f"| {dtype} | 40 |" in out.stdout
     assert "torch int4 loop" in out.stdout and "lowest 'of roof'" in out.stdout
+
+
+def test_layer_benchmark_small_run_names_the_cpu():
+    # bench_moe checks the fused layer against the loops before timing; its header names the CPU that measured it.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_moe.py"
+    out = subprocess.run([sys.executable, str(script), "--tokens", "64", "--d-model", "32", "--d-ff", "64",
+                          "--experts", "4", "--reps", "1"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert bench.cpu_model() in out.stdout.splitlines()[0]
+    assert "dropless" in out.stdout and "capacity" in out.stdout
