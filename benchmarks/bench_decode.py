@@ -16,7 +16,8 @@ the time to read those bytes, or at larger T the time of its multiply-adds at th
   roof ms    max(MB / read bandwidth, flops / float32 GEMM rate), both measured in this run (read bandwidth:
              x.sum() over a float32 buffer of 256 MiB or 4x the last-level cache, whichever is larger)
   of roof    roof ms / ms (1.0 = at the machine's limit)
-  other us   the layer's time outside the expert products (its products replaced by their precomputed result)
+  other us   the layer's time outside the expert products: the layer with hollow experts (d_ff = 0, see
+             outside_experts), so routing, dispatch, the products' fixed costs, activation and combine
   x bf16     the bfloat16 layer's ms at this T over this layer's (> 1: faster than bfloat16 experts)
   base ms    what a user has instead: F.grouped_mm (float32/bfloat16, transformers' "grouped_mm" experts), or
              torch's weight-only products in a per-expert loop (int8: aten._weight_int8pack_mm; int4:
@@ -199,19 +200,16 @@ class TorchWeightOnly:
 
 
 def outside_experts(moe, x):
-    """A callable running the layer with its expert products replaced by their precomputed result: the time of
-    everything else (routing, dispatch, combine, aux loss, Python)."""
-    _, indices = routing(moe, x)
-    dest, counts = torchmoe.route_plan(indices, moe.num_experts, -1)
-    result = moe._experts_grouped(torchmoe.dispatch(x, dest, x.shape[0] * moe.k), counts)
-
-    def run():
-        moe._experts_grouped = lambda rows, counts: result
-        try:
-            return moe(x)
-        finally:
-            del moe._experts_grouped
-    return run
+    """A callable running the layer with hollow experts (d_ff = 0: no multiply-adds, no weight bytes; float in the
+    activations' dtype for int8/int4 layers) and the layer's router, on the path the layer takes (the one-op
+    inference path): the time of everything else (routing, dispatch, the products' fixed costs, combine, Python)."""
+    E, d_model = moe.num_experts, moe.d_model
+    hollow = MoE(d_model, 1, E, k=moe.k, capacity_factor=None, activation=moe.activation).eval()
+    hollow.router = moe.router
+    for name, shape in (("gate_proj", (E, d_model, 0)), ("up_proj", (E, d_model, 0)), ("down_proj", (E, 0, d_model))):
+        if getattr(hollow, name, None) is not None:
+            setattr(hollow, name, torch.nn.Parameter(torch.empty(shape, dtype=x.dtype), requires_grad=False))
+    return lambda: hollow(x)
 
 
 def main(argv=None) -> None:

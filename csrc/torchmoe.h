@@ -5,6 +5,7 @@
 #include "ops/dispatch.h"
 #include "ops/grouped_mm.h"
 #include "ops/grouped_mm_quantized.h"
+#include "ops/moe_forward.h"
 #include "ops/route_plan.h"
 #include "ops/swiglu.h"
 #include "ops/topk_gating.h"

@@ -43,6 +43,14 @@ TORCH_LIBRARY(torchmoe, m) {
   m.def("swiglu(Tensor gate, Tensor up) -> Tensor", tags);
   m.def("_swiglu_backward(Tensor grad_out, Tensor gate, Tensor up) -> (Tensor grad_gate, Tensor grad_up)", tags);
 
+  // A dropless MoE layer's forward (router, top-k, plan, dispatch, experts, combine) in one call, composed of
+  // the ops above; torchmoe.nn.MoE takes it for inference. bits 0: float experts, 4 / 8: quantized (scales,
+  // zeros and group_sizes hold the gate, up and down entries).
+  m.def("_moe_forward(Tensor x, Tensor router_weight, Tensor? expert_bias, int k, str score_func, bool renormalize, "
+        "int num_expert_groups, int topk_expert_groups, float scale, str activation, Tensor? gate_proj, "
+        "Tensor up_proj, Tensor down_proj, int bits, Tensor?[] scales, Tensor?[] zeros, "
+        "int[] group_sizes) -> (Tensor y, Tensor weights, Tensor indices, Tensor logits, Tensor counts)", tags);
+
   // The CPU kernels' cache of large freed outputs: bytes held, and freeing them (returns bytes freed).
   // Conservative alias analysis marks them as having side effects, so TorchScript never folds a call.
   m.def(torch::schema("_cpu_cache_bytes() -> int", c10::AliasAnalysisKind::CONSERVATIVE));

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from .. import reference as _reference
-from .router import make_router, router_aux_loss
+from .router import TopkRouter, make_router, router_aux_loss
 
 __all__ = ["MoE", "SwitchMoE", "SharedExpert"]
 
@@ -23,6 +23,13 @@ def pack_kept_rows(dest: Tensor, counts: Tensor, capacity: int) -> Tuple[Tensor,
         return kept, dest
     starts = torch.cumsum(kept, 0) - kept
     return kept, torch.where(dest >= 0, starts[dest.clamp(min=0) // capacity] + dest % capacity, dest)
+
+
+def _router_hooked(router: nn.Module) -> bool:
+    # A hook on the router (routing statistics, say) must see its call, which the one-op forward has not.
+    hooks = nn.modules.module
+    return bool(router._forward_hooks or router._forward_pre_hooks or hooks._global_forward_hooks
+                or hooks._global_forward_pre_hooks)
 
 
 class MoE(nn.Module):
@@ -297,6 +304,44 @@ class MoE(nn.Module):
         return router_aux_loss(logits, indices, self.score_func, self.aux_loss_weight, self.z_loss_weight, load_loss,
                                counts)
 
+    @torch.jit.unused
+    def _fused_experts(self) -> Optional[Tuple[Optional[Tensor], Tensor, Tensor, int, list, list, list]]:
+        # _moe_forward's expert arguments (gate_proj, up_proj, down_proj, bits, scales, zeros, group_sizes), or
+        # None where a subclass (or a patch on this instance) computes its experts otherwise.
+        if type(self)._experts_grouped is not MoE._experts_grouped or "_experts_grouped" in self.__dict__:
+            return None
+        return self.gate_proj, self.up_proj, self.down_proj, 0, [], [], []
+
+    @torch.jit.unused
+    def _forward_fused(self, x: Tensor, h: Tensor) -> Optional[Tensor]:
+        # Eager inference of a dropless layer on CPU with the plain router: the whole forward is one call of
+        # torchmoe::_moe_forward (the same ops in the same order, composed in C++), which saves a decode step
+        # the dozen crossings from Python into the library. Training, autograd, capacity mode, torch.compile,
+        # export and tracing keep the op-by-op path (the op decomposes into it anyway): None there.
+        if (self.capacity_factor is not None or torch.is_grad_enabled() or h.device.type != "cpu"
+                or torch.compiler.is_compiling() or torch.jit.is_tracing()):
+            return None
+        router = self.router
+        if type(router) is not TopkRouter or _router_hooked(router):
+            return None
+        experts = self._fused_experts()
+        if experts is None:
+            return None
+        gate_proj, up_proj, down_proj, bits, scales, zeros, group_sizes = experts
+        y, weights, indices, logits, counts = torch.ops.torchmoe._moe_forward(
+            h, router._float_weight(), router._bias(), router.k, router.score_func, router.renormalize,
+            router.num_expert_groups, router.topk_expert_groups, router.scale, self.activation, gate_proj, up_proj,
+            down_proj, bits, scales, zeros, group_sizes)
+        if self.shared_expert is not None:
+            y = y + self.shared_expert(h)
+        # Plain attributes written straight into __dict__: nn.Module.__setattr__ costs about 2 us a call here.
+        state = self.__dict__
+        state.pop("aux_loss", None)
+        state["_pending_aux_loss"] = (logits, indices, counts, self._load_loss())  # see _defer_aux_loss_to_first_read
+        state["expert_counts"] = counts
+        state["dropped_tokens"] = torch.zeros((), dtype=torch.long, device=x.device)
+        return y.view(x.shape)
+
     def forward(self, x: Tensor) -> Tensor:
         """``x [..., d_model]`` -> ``y [..., d_model]``; sets :attr:`aux_loss`, :attr:`expert_counts` and
         :attr:`dropped_tokens`."""
@@ -306,6 +351,10 @@ class MoE(nn.Module):
         if self.impl == "reference":
             return self._forward_reference(x)
         h = x.reshape(-1, self.d_model)
+        if not torch.jit.is_scripting():
+            y = self._forward_fused(x, h)
+            if y is not None:
+                return y
         num_tokens = h.shape[0]
         weights, indices, logits = self.router(h)
         capacity_factor = self.capacity_factor

@@ -57,6 +57,16 @@ class _QuantizedExperts:
             h = self._act(up)
         return mm(h, down_qweight, down_scales, down_zeros, counts, self.bits, self.down_proj_group_size)
 
+    @torch.jit.unused
+    def _fused_experts(self):
+        if (type(self)._experts_grouped is not _QuantizedExperts._experts_grouped
+                or "_experts_grouped" in self.__dict__):
+            return None
+        return (self.gate_proj_qweight, self.up_proj_qweight, self.down_proj_qweight, self.bits,
+                [self.gate_proj_scales, self.up_proj_scales, self.down_proj_scales],
+                [self.gate_proj_zeros, self.up_proj_zeros, self.down_proj_zeros],
+                [self.gate_proj_group_size, self.up_proj_group_size, self.down_proj_group_size])
+
     def _experts_batched(self, buf: Tensor) -> Tensor:
         # [E, capacity, d_model]: every expert has `capacity` rows.
         cap = buf.shape[1]
