@@ -257,6 +257,38 @@ print("ok")
     assert run_python(code, **env).strip() == "ok"
 
 
+def test_skinny_row_walk_equals_the_strips(tmp_path):
+    # TORCHMOE_SKINNY_ROW_WALK=1 / 0 forces the row walk of experts with one or two rows (the default on AMD) or
+    # the strips (elsewhere): the same multiply-adds in the same order, so the same bits, on either CPU.
+    code = """
+import os, torch, torchmoe
+g = torch.Generator().manual_seed(0)
+outs = []
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for d_in, d_out in [(7, 5), (64, 129), (300, 2100), (1, 16)]:
+        w = torch.randn(6, d_in, d_out + 3, generator=g).to(dtype)[:, :, 2:2 + d_out]  # strided rows
+        c = torch.tensor([1, 2, 0, 1, 2, 3])
+        x = torch.randn(int(c.sum()), d_in, generator=g).to(dtype)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outs.append(torchmoe.grouped_mm(x, w, c))
+            outs.append(torchmoe.grouped_mm(x, w.contiguous(), c))
+torch.save(outs, os.environ["ROW_WALK_TEST_OUT"])
+print("ok")
+"""
+    results = []
+    for walk in ("0", "1"):
+        path = tmp_path / f"walk{walk}.pt"
+        assert run_python(code, TORCHMOE_SKINNY_ROW_WALK=walk, ROW_WALK_TEST_OUT=str(path)).strip() == "ok"
+        results.append(torch.load(path))
+    strips, walked = results
+    assert len(strips) == len(walked) == 48
+    for a, b in zip(strips, walked):
+        assert torch.equal(a, b)
+    x, w, c = make([1, 2, 0, 1], 300, 2100)
+    torch.testing.assert_close(torchmoe.grouped_mm(x, w, c), ref_fp64(x, w, c).float(), rtol=1e-5, atol=1e-3)
+
+
 def test_skinny_portable_kernels():
     # TORCHMOE_DISABLE_AVX512=1 runs the portable C++ versions of the skinny kernels (CPUs without AVX-512).
     code = """
