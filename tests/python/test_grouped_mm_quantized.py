@@ -232,6 +232,41 @@ print("ok")
     assert run_python(code, TORCHMOE_DISABLE_AVX512="1").strip() == "ok"
 
 
+def test_row_walk_equals_the_strips(tmp_path):
+    # TORCHMOE_SKINNY_ROW_WALK=1 / 0 forces the row walk of experts with one or two rows (the default on AMD; for
+    # 4 bits and bfloat16 activations on a CPU with AVX-512 BF16 and VBMI, its dot-product form) or the strips
+    # (elsewhere): the same multiply-adds in the same order, so the same bits. Columns 771 and 200 leave tails of
+    # the 16- and 64-column steps; two threads split an expert's columns.
+    code = """
+import os, torch, torchmoe
+g = torch.Generator().manual_seed(0)
+outs = []
+for bits, gs, sym in ((8, 128, True), (4, 128, True), (4, 64, False), (4, 32, True)):
+    for d_in, d_out in [(256, 200), (128, 771), (64, 64)]:
+        qw = torchmoe.quantize_weight(torch.randn(5, d_in, d_out, generator=g), bits, min(gs, d_in), sym)
+        c = torch.tensor([1, 2, 0, 1, 2])
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            x = torch.randn(int(c.sum()), d_in, generator=g).to(dtype)
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                outs.append(torchmoe.grouped_mm_quantized(x, qw, c))
+torch.save(outs, os.environ["ROW_WALK_TEST_OUT"])
+print("ok")
+"""
+    results = []
+    for walk in ("0", "1"):
+        path = tmp_path / f"walk{walk}.pt"
+        assert run_python(code, TORCHMOE_SKINNY_ROW_WALK=walk, ROW_WALK_TEST_OUT=str(path)).strip() == "ok"
+        results.append(torch.load(path))
+    strips, walked = results
+    assert len(strips) == len(walked) == 72
+    for a, b in zip(strips, walked):
+        assert torch.equal(a, b)
+    for bits, symmetric in ((8, True), (4, True), (4, False)):
+        x, qw, c, _ = make([1, 2, 0, 1], 256, 200, bits, 128, symmetric, dtype=torch.bfloat16)
+        check_close(torchmoe.grouped_mm_quantized(x, qw, c), expected(x, qw, c), torch.bfloat16)
+
+
 # --- autograd, opcheck, compile, export, TorchScript --------------------------------------------------------------
 
 @pytest.mark.parametrize("bits,group_size,symmetric", FORMATS[:3], ids=FORMAT_IDS[:3])

@@ -3,12 +3,15 @@
 // most 8 rows while it is in cache. A strip's accumulators stay in registers within a block; between blocks they
 // wait in a float32 buffer (the group's running sum), and at a group's last block they are scaled into a second
 // buffer (the total). 4-bit codes become floats with one permute against a 16-entry table (the table already
-// holds code - 8 for the symmetric form).
+// holds code - 8 for the symmetric form). Where row_walk_preferred() (AMD), one or two rows walk the packed weight
+// row after row instead (one sequential stream per thread), in the same order of multiply-adds, so with the same
+// bits; for 4 bits and bfloat16 activations, two codes at a time by vdpbf16ps where the CPU has it.
 #include "ops/cpu/quantized_gemm.h"
 
 #include "ops/cpu/skinny_gemm.h"
 
 #include <algorithm>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -196,15 +199,207 @@ void block_strips(const BlockArgs& a, int64_t j0, int64_t width, float* gacc, fl
   }
 }
 
-template <typename T, int BITS, bool Asym>
-void quantized_skinny_mm_avx512(const QuantizedMatrix& w, int64_t rows, int64_t j0, int64_t j1, const float* x,
-                                int64_t ldx, T* out, int64_t ldo) {
-  const int64_t width = j1 - j0;
+// At a group's end: total[r, j] (+)= scale * (gacc[r, j] - zero * xsum[r, g]), as qstrip does.
+template <bool Asym, int RB>
+TORCHMOE_QGEMM_AVX512 void finish_group(const QuantizedMatrix& w, int64_t g, int64_t j0, int64_t width,
+                                        const float* xsum, int64_t groups, const float* gacc, float* total) {
+  const float* s = w.scales + g * w.n + j0;
+  for (int64_t j = 0; j < width; j += 16) {
+    const __mmask16 m = lane_mask(width - j);
+    const __m512 sv = _mm512_maskz_loadu_ps(m, s + j);
+    __m512 zv = _mm512_setzero_ps();
+    if constexpr (Asym) zv = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, w.zeros + g * w.n + j0 + j)));
+#pragma GCC unroll 2
+    for (int r = 0; r < RB; ++r) {
+      __m512 sum = _mm512_maskz_loadu_ps(m, gacc + r * width + j);
+      if constexpr (Asym) sum = _mm512_fnmadd_ps(zv, _mm512_set1_ps(xsum[r * groups + g]), sum);
+      const __m512 t = g == 0 ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m, total + r * width + j);
+      _mm512_mask_storeu_ps(total + r * width + j, m, _mm512_fmadd_ps(sv, sum, t));
+    }
+  }
+}
+
+// The row walk (see row_walk_preferred): one or two rows take the weight packed row after packed row, columns
+// [j0, j0 + width) each, so a thread reads one sequential stream, with the group's running sums (gacc) in L1. Every
+// sum sees the same multiply-adds in the same order as in qstrip, so the bits are the same.
+template <int BITS, bool Asym, int RB, bool Full>
+TORCHMOE_QGEMM_AVX512 inline void qrow_walk_vector(const uint8_t* q, const __m512 (&xv)[RB][2], const __m512& table,
+                                                   __mmask16 m, float* gacc, int64_t width) {
+  __m512 acc[RB];
+  const __m128i bytes = Full ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(q)) : _mm_maskz_loadu_epi8(m, q);
+#pragma GCC unroll 2
+  for (int r = 0; r < RB; ++r) acc[r] = Full ? _mm512_loadu_ps(gacc + r * width) : _mm512_maskz_loadu_ps(m, gacc + r * width);
+  if constexpr (BITS == 8) {
+    const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
+#pragma GCC unroll 2
+    for (int r = 0; r < RB; ++r) acc[r] = _mm512_fmadd_ps(xv[r][0], wv, acc[r]);
+  } else {
+    const __m512i b = _mm512_cvtepu8_epi32(bytes);
+    const __m512 lo = _mm512_permutexvar_ps(b, table);  // the permute reads the low 4 bits of each lane
+    const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table);
+#pragma GCC unroll 2
+    for (int r = 0; r < RB; ++r) {
+      acc[r] = _mm512_fmadd_ps(xv[r][0], lo, acc[r]);
+      acc[r] = _mm512_fmadd_ps(xv[r][1], hi, acc[r]);
+    }
+  }
+#pragma GCC unroll 2
+  for (int r = 0; r < RB; ++r) {
+    if (Full) {
+      _mm512_storeu_ps(gacc + r * width, acc[r]);
+    } else {
+      _mm512_mask_storeu_ps(gacc + r * width, m, acc[r]);
+    }
+  }
+}
+
+template <int BITS, bool Asym, int RB>
+TORCHMOE_QGEMM_AVX512 void qrow_walk_group(const QuantizedMatrix& w, int64_t g, int64_t j0, int64_t width,
+                                           const float* x, int64_t ldx, const float* xsum, int64_t groups,
+                                           float* gacc, float* total) {
+  constexpr int kCodesPerByte = BITS == 8 ? 1 : 2;
+  const __m512 table = Asym ? _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
+                            : _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+  const int64_t full = width / 16 * 16;
+  const __mmask16 tail = lane_mask(width - full);
+  for (int64_t i = 0; i < RB * width; ++i) gacc[i] = 0.0f;
+  for (int64_t pp = g * w.group_size / kCodesPerByte; pp < (g + 1) * w.group_size / kCodesPerByte; ++pp) {
+    const uint8_t* qr = w.q + pp * w.n + j0;
+    __m512 xv[RB][2];
+#pragma GCC unroll 2
+    for (int r = 0; r < RB; ++r) {
+      xv[r][0] = _mm512_set1_ps(x[r * ldx + pp * kCodesPerByte]);
+      xv[r][1] = _mm512_set1_ps(x[r * ldx + pp * kCodesPerByte + kCodesPerByte - 1]);
+    }
+    int64_t j = 0;
+    for (; j < full; j += 16) qrow_walk_vector<BITS, Asym, RB, true>(qr + j, xv, table, 0xFFFF, gacc + j, width);
+    if (tail) qrow_walk_vector<BITS, Asym, RB, false>(qr + j, xv, table, tail, gacc + j, width);
+  }
+  finish_group<Asym, RB>(w, g, j0, width, xsum, groups, gacc, total);
+}
+
+// The row walk of 4-bit codes for bfloat16 activations on a CPU with AVX-512 BF16 and VBMI: one vdpbf16ps takes
+// both codes of a byte (reduction rows p, p + 1) against the pair (x[p], x[p + 1]), in place of two multiply-adds
+// and two permutes: the 4-bit codes of a 64-byte load become word indices with one two-source byte permute per 16
+// columns, and bfloat16 values with one word permute against a table. x is exact in bfloat16, codes are small
+// integers, so both products are exact, and vdpbf16ps adds the odd pair's product first, then the even one's, each
+// rounded once: the multiply-adds of qstrip in its order, so the same bits (subnormal inputs aside: vdpbf16ps
+// flushes them to zero).
+#define TORCHMOE_QGEMM_DOT __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx512vbmi,fma")))
+
+bool bf16_dot_walk_available() {
+  static const bool available = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vbmi");
+  return available;
+}
+
+// Word i: the bfloat16 value of table code i & 15 (code - 8 for the symmetric form).
+template <bool Asym>
+TORCHMOE_QGEMM_DOT __m512i bf16_code_table() {
+  alignas(64) uint16_t words[32];
+  for (int i = 0; i < 32; ++i) {
+    const float v = static_cast<float>(Asym ? (i & 15) : (i & 15) - 8);
+    uint32_t bits;
+    std::memcpy(&bits, &v, sizeof(bits));
+    words[i] = static_cast<uint16_t>(bits >> 16);
+  }
+  return _mm512_load_si512(words);
+}
+
+// Byte selectors of _mm512_permutex2var_epi8 over (bytes, bytes >> 4 per 16-bit lane) for columns 16v..16v+15:
+// word 0 of column c's lane takes the high code of byte c (row p + 1), word 1 the low one (row p); the word
+// permute reads the low 5 bits of each word, and the table repeats itself in its upper half, so the neighbour's
+// bit above the code does not matter.
+TORCHMOE_QGEMM_DOT __m512i code_selector(int v) {
+  alignas(64) uint8_t selector[64];
+  for (int i = 0; i < 16; ++i) {
+    const int column = 16 * v + i;
+    selector[4 * i + 0] = static_cast<uint8_t>(64 + column);
+    selector[4 * i + 1] = 0;
+    selector[4 * i + 2] = static_cast<uint8_t>(column);
+    selector[4 * i + 3] = 0;
+  }
+  return _mm512_load_si512(selector);
+}
+
+inline uint32_t bf16_pair(float odd, float even) {  // x is exact in bfloat16: truncation keeps it
+  uint32_t hi, lo;
+  std::memcpy(&hi, &odd, sizeof(hi));
+  std::memcpy(&lo, &even, sizeof(lo));
+  return (hi & 0xFFFF0000u) | (lo >> 16);
+}
+
+// gacc[r, 0:cols] += the 64 columns' products (cols <= 64; Full: cols == 64) of one packed row.
+template <int RB, bool Full>
+TORCHMOE_QGEMM_DOT inline void q4_dot_columns(const __m512i bytes, const __m512i (&selector)[4], const __m512i table,
+                                              const __m512bh (&xpair)[RB], int64_t cols, float* gacc,
+                                              int64_t width) {
+  const __m512i high = _mm512_srli_epi16(bytes, 4);
+#pragma GCC unroll 4
+  for (int v = 0; v < 4; ++v) {
+    if (!Full && 16 * v >= cols) break;
+    const __m512bh codes =
+        (__m512bh)_mm512_permutexvar_epi16(_mm512_permutex2var_epi8(bytes, selector[v], high), table);
+#pragma GCC unroll 2
+    for (int r = 0; r < RB; ++r) {
+      float* a = gacc + r * width + 16 * v;
+      if constexpr (Full) {
+        _mm512_storeu_ps(a, _mm512_dpbf16_ps(_mm512_loadu_ps(a), codes, xpair[r]));
+      } else {
+        const __mmask16 m = lane_mask(cols - 16 * v);
+        _mm512_mask_storeu_ps(a, m, _mm512_dpbf16_ps(_mm512_maskz_loadu_ps(m, a), codes, xpair[r]));
+      }
+    }
+  }
+}
+
+template <bool Asym, int RB>
+TORCHMOE_QGEMM_DOT void q4_dot_walk_group(const QuantizedMatrix& w, int64_t g, int64_t j0, int64_t width,
+                                          const float* x, int64_t ldx, const float* xsum, int64_t groups,
+                                          float* gacc, float* total) {
+  const __m512i table = bf16_code_table<Asym>();
+  const __m512i selector[4] = {code_selector(0), code_selector(1), code_selector(2), code_selector(3)};
+  for (int64_t i = 0; i < RB * width; ++i) gacc[i] = 0.0f;
+  for (int64_t pp = g * w.group_size / 2; pp < (g + 1) * w.group_size / 2; ++pp) {
+    const uint8_t* qr = w.q + pp * w.n + j0;
+    __m512bh xpair[RB];
+#pragma GCC unroll 2
+    for (int r = 0; r < RB; ++r) {
+      xpair[r] = (__m512bh)_mm512_set1_epi32(static_cast<int>(bf16_pair(x[r * ldx + 2 * pp], x[r * ldx + 2 * pp + 1])));
+    }
+    const int64_t full = width / 64 * 64;
+    for (int64_t j = 0; j < full; j += 64) {
+      q4_dot_columns<RB, true>(_mm512_loadu_si512(qr + j), selector, table, xpair, 64, gacc + j, width);
+    }
+    if (full < width) {
+      const int64_t left = width - full;
+      q4_dot_columns<RB, false>(_mm512_maskz_loadu_epi8((__mmask64(1) << left) - 1, qr + full), selector, table,
+                                xpair, left, gacc + full, width);
+    }
+  }
+  finish_group<Asym, RB>(w, g, j0, width, xsum, groups, gacc, total);
+}
+
+// One or two rows, group after group, on the row walk (the dot-product form where it applies).
+template <typename T, int BITS, bool Asym, int RB>
+void walk_rows(const QuantizedMatrix& w, int64_t j0, int64_t width, const float* x, int64_t ldx, const float* xsum,
+               float* gacc, float* total) {
   const int64_t groups = w.k / w.group_size;
-  thread_local std::vector<float> group_buffer, total_buffer;
-  group_buffer.resize(static_cast<size_t>(rows * width));
-  total_buffer.resize(static_cast<size_t>(rows * width));
-  const auto xsum = Asym ? group_sums(w, rows, x, ldx) : std::vector<float>();
+  bool dot = false;
+  if constexpr (BITS == 4 && std::is_same_v<T, c10::BFloat16>) dot = bf16_dot_walk_available();
+  for (int64_t g = 0; g < groups; ++g) {
+    if (dot) {
+      q4_dot_walk_group<Asym, RB>(w, g, j0, width, x, ldx, xsum, groups, gacc, total);
+    } else {
+      qrow_walk_group<BITS, Asym, RB>(w, g, j0, width, x, ldx, xsum, groups, gacc, total);
+    }
+  }
+}
+
+// k-block after k-block (never crossing a group), every group of rows takes the block's strips.
+template <int BITS, bool Asym>
+void walk_blocks(const QuantizedMatrix& w, int64_t rows, int64_t j0, int64_t width, const float* x, int64_t ldx,
+                 const float* xsum, float* gacc, float* total) {
+  const int64_t groups = w.k / w.group_size;
   BlockArgs a{&w, 0, 0, 0, false, false, false, nullptr, ldx, nullptr, groups};
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t g_end = (g + 1) * w.group_size;
@@ -217,15 +412,32 @@ void quantized_skinny_mm_avx512(const QuantizedMatrix& w, int64_t rows, int64_t 
       a.first_group = g == 0;
       for (int64_t r0 = 0; r0 < rows; r0 += kMaxGroupRows) {
         a.x = x + r0 * ldx;
-        a.xsum = Asym ? xsum.data() + r0 * groups : nullptr;
+        a.xsum = Asym ? xsum + r0 * groups : nullptr;
         with_group_rows(static_cast<int>(std::min<int64_t>(kMaxGroupRows, rows - r0)), [&](auto rb) {
-          block_strips<BITS, Asym, decltype(rb)::value>(a, j0, width, group_buffer.data() + r0 * width,
-                                                        total_buffer.data() + r0 * width);
+          block_strips<BITS, Asym, decltype(rb)::value>(a, j0, width, gacc + r0 * width, total + r0 * width);
         });
       }
     }
   }
-  const float* total = total_buffer.data();
+}
+
+template <typename T, int BITS, bool Asym>
+void quantized_skinny_mm_avx512(const QuantizedMatrix& w, int64_t rows, int64_t j0, int64_t j1, const float* x,
+                                int64_t ldx, T* out, int64_t ldo) {
+  const int64_t width = j1 - j0;
+  thread_local std::vector<float> group_buffer, total_buffer;
+  group_buffer.resize(static_cast<size_t>(rows * width));
+  total_buffer.resize(static_cast<size_t>(rows * width));
+  const auto xsum = Asym ? group_sums(w, rows, x, ldx) : std::vector<float>();
+  float* gacc = group_buffer.data();
+  float* total = total_buffer.data();
+  if (rows == 1 && row_walk_preferred()) {
+    walk_rows<T, BITS, Asym, 1>(w, j0, width, x, ldx, xsum.data(), gacc, total);
+  } else if (rows == 2 && row_walk_preferred()) {
+    walk_rows<T, BITS, Asym, 2>(w, j0, width, x, ldx, xsum.data(), gacc, total);
+  } else {
+    walk_blocks<BITS, Asym>(w, rows, j0, width, x, ldx, xsum.data(), gacc, total);
+  }
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t c = 0; c < width; ++c) out[r * ldo + j0 + c] = static_cast<T>(total[r * width + c]);
   }

@@ -22,6 +22,25 @@
 #endif
 
 namespace torchmoe::cpu {
+
+// Whether one or two rows walk w row by row (row_walk) rather than in strips: on AMD Zen 4/5 a thread streams
+// from memory at about 0.6 of x.sum()'s rate through several streams at once (the strips' 16 rows, or two rows)
+// and at its full rate through one (measured 2026-12-06 on a 2-core EPYC: 11-12 against 16-20 GB/s for 1 x 2048 by
+// 2048 x 768 float32 from memory); Intel's prefetchers keep the strips at the read bandwidth.
+bool row_walk_preferred() {
+  static const bool preferred = [] {
+    const char* env = std::getenv("TORCHMOE_SKINNY_ROW_WALK");
+    if (env != nullptr && *env != '\0') return env[0] == '1';
+#if TORCHMOE_HAVE_SKINNY_AVX512
+    __builtin_cpu_init();
+    return __builtin_cpu_is("amd") != 0;
+#else
+    return false;
+#endif
+  }();
+  return preferred;
+}
+
 namespace {
 
 float to_float(float v) { return v; }
@@ -195,19 +214,6 @@ TORCHMOE_SKINNY_AVX512 void row_walk(int64_t k, int64_t width, const float* x, i
   }
 }
 
-// Whether one or two rows walk w row by row (row_walk) rather than in strips: on AMD Zen 4/5 a thread streams
-// from memory at about 0.6 of x.sum()'s rate through several streams at once (the strips' 16 rows, or two rows)
-// and at its full rate through one (measured 2026-12-06 on a 2-core EPYC: 11-12 against 16-20 GB/s for 1 x 2048 by
-// 2048 x 768 float32 from memory); Intel's prefetchers keep the strips at the read bandwidth.
-bool row_walk_preferred() {
-  static const bool preferred = [] {
-    const char* env = std::getenv("TORCHMOE_SKINNY_ROW_WALK");
-    if (env != nullptr && *env != '\0') return env[0] == '1';
-    __builtin_cpu_init();
-    return __builtin_cpu_is("amd") != 0;
-  }();
-  return preferred;
-}
 
 // k-block after k-block, every group of rows (kMaxGroupRows at a time) takes the block while it is in cache; the
 // float32 sums of the column range wait in a thread-local buffer between blocks (each element still one sum

@@ -45,6 +45,10 @@ void with_group_rows(int rows, const Fn& fn) {
 // portable C++ version does the same sums.
 bool skinny_avx512_available();
 
+// Whether products of one or two rows walk the weight row after row (one sequential stream per thread) rather
+// than in strips of many rows: on AMD (TORCHMOE_SKINNY_ROW_WALK=0/1 forces either).
+bool row_walk_preferred();
+
 // out[r, j] = sum_p x[r, p] * w[p, j] for r < rows, j0 <= j < j1. x [rows, k] (row stride ldx), w [k, *]
 // (row stride ldw), out [rows, *] (row stride ldo), all of T (float, c10::BFloat16 or c10::Half).
 template <typename T>
