@@ -32,6 +32,12 @@ def _router_hooked(router: nn.Module) -> bool:
                 or hooks._global_forward_pre_hooks)
 
 
+def _computes_experts_with(module: nn.Module, owner: type) -> bool:
+    """Whether ``module`` computes its experts with ``owner._experts_grouped``: not a subclass's override nor a
+    patch on the instance (which the one-op inference path, computing the experts itself, would bypass)."""
+    return type(module)._experts_grouped is owner._experts_grouped and "_experts_grouped" not in module.__dict__
+
+
 class MoE(nn.Module):
     """Sparse Mixture-of-Experts feed-forward layer.
 
@@ -270,8 +276,10 @@ class MoE(nn.Module):
     def _defer_aux_loss_to_first_read(self, logits: Tensor, indices: Tensor, counts: Tensor) -> None:
         # Inference: nothing can backpropagate through the aux loss, so it is computed from the routing only when
         # read (a dozen small ops, a third of a decode step's time outside the experts); the same value.
-        self.__dict__.pop("aux_loss", None)
-        self._pending_aux_loss = (logits, indices, counts, self._load_loss())
+        # Plain attributes written straight into __dict__: nn.Module.__setattr__ costs about 2 us a call here.
+        state = self.__dict__
+        state.pop("aux_loss", None)
+        state["_pending_aux_loss"] = (logits, indices, counts, self._load_loss())
 
     @torch.jit.unused
     def __prepare_scriptable__(self):
@@ -308,7 +316,7 @@ class MoE(nn.Module):
     def _fused_experts(self) -> Optional[Tuple[Optional[Tensor], Tensor, Tensor, int, list, list, list]]:
         # _moe_forward's expert arguments (gate_proj, up_proj, down_proj, bits, scales, zeros, group_sizes), or
         # None where a subclass (or a patch on this instance) computes its experts otherwise.
-        if type(self)._experts_grouped is not MoE._experts_grouped or "_experts_grouped" in self.__dict__:
+        if not _computes_experts_with(self, MoE):
             return None
         return self.gate_proj, self.up_proj, self.down_proj, 0, [], [], []
 
@@ -334,10 +342,8 @@ class MoE(nn.Module):
             down_proj, bits, scales, zeros, group_sizes)
         if self.shared_expert is not None:
             y = y + self.shared_expert(h)
-        # Plain attributes written straight into __dict__: nn.Module.__setattr__ costs about 2 us a call here.
-        state = self.__dict__
-        state.pop("aux_loss", None)
-        state["_pending_aux_loss"] = (logits, indices, counts, self._load_loss())  # see _defer_aux_loss_to_first_read
+        self._defer_aux_loss_to_first_read(logits, indices, counts)
+        state = self.__dict__  # as there: plain attributes, without nn.Module.__setattr__
         state["expert_counts"] = counts
         state["dropped_tokens"] = torch.zeros((), dtype=torch.long, device=x.device)
         return y.view(x.shape)

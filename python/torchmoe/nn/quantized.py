@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..quantization import QuantizedWeight, dequantize_weight, quantize_weight
-from .moe import MoE, SwitchMoE
+from .moe import MoE, SwitchMoE, _computes_experts_with
 
 __all__ = ["quantize_experts", "QuantizedMoE", "QuantizedSwitchMoE"]
 
@@ -59,8 +59,7 @@ class _QuantizedExperts:
 
     @torch.jit.unused
     def _fused_experts(self):
-        if (type(self)._experts_grouped is not _QuantizedExperts._experts_grouped
-                or "_experts_grouped" in self.__dict__):
+        if not _computes_experts_with(self, _QuantizedExperts):
             return None
         return (self.gate_proj_qweight, self.up_proj_qweight, self.down_proj_qweight, self.bits,
                 [self.gate_proj_scales, self.up_proj_scales, self.down_proj_scales],
