@@ -86,6 +86,14 @@ inline __mmask16 lane_mask(int64_t left) {
   return left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
 }
 
+// The 4-bit codes' float values, indexed by code: the code itself for the asymmetric form (whose zero point is
+// subtracted per group), code - 8 for the symmetric one.
+template <bool Asym>
+TORCHMOE_QGEMM_AVX512 inline __m512 code_table() {
+  return Asym ? _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
+              : _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+}
+
 template <int RB>
 constexpr int kVectors = RB == 1 ? 16 : RB == 2 ? 8 : RB <= 4 ? 4 : 2;
 
@@ -141,8 +149,7 @@ TORCHMOE_QGEMM_AVX512 void qstrip(const BlockArgs& a, int64_t j, int64_t cols, f
       }
     }
   } else {
-    const __m512 table = Asym ? _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
-                              : _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+    const __m512 table = code_table<Asym>();
     for (int64_t p = a.p0; p < a.p0 + a.kb; p += 2) {
       const uint8_t* qr = w.q + (p >> 1) * w.n + j;
 #pragma GCC unroll 16
@@ -258,8 +265,7 @@ TORCHMOE_QGEMM_AVX512 void qrow_walk_group(const QuantizedMatrix& w, int64_t g, 
                                            const float* x, int64_t ldx, const float* xsum, int64_t groups,
                                            float* gacc, float* total) {
   constexpr int kCodesPerByte = BITS == 8 ? 1 : 2;
-  const __m512 table = Asym ? _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
-                            : _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+  const __m512 table = code_table<Asym>();
   const int64_t full = width / 16 * 16;
   const __mmask16 tail = lane_mask(width - full);
   for (int64_t i = 0; i < RB * width; ++i) gacc[i] = 0.0f;
@@ -507,9 +513,7 @@ TORCHMOE_QGEMM_AVX512 inline __m512 dequantize16(const uint8_t* q, const float* 
 template <typename T, int BITS, bool Asym, bool Odd>
 TORCHMOE_QGEMM_AVX512 void dequantize_row_avx512(const uint8_t* q, const float* s, const uint8_t* z, int64_t cols,
                                                  T* out) {
-  // the symmetric 4-bit table holds code - 8 already
-  const __m512 table = Asym ? _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
-                            : _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+  const __m512 table = code_table<Asym>();
   int64_t j = 0;
   for (; j + 16 <= cols; j += 16) {
     store16(out + j, dequantize16<BITS, Asym, Odd>(q + j, s + j, z + j, 0xFFFF, table), 0xFFFF);

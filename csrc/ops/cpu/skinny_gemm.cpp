@@ -214,7 +214,6 @@ TORCHMOE_SKINNY_AVX512 void row_walk(int64_t k, int64_t width, const float* x, i
   }
 }
 
-
 // k-block after k-block, every group of rows (kMaxGroupRows at a time) takes the block while it is in cache; the
 // float32 sums of the column range wait in a thread-local buffer between blocks (each element still one sum
 // along p, in order).
