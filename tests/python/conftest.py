@@ -20,6 +20,17 @@ def run_python(code: str, timeout: float = 300, **env: str) -> str:
     return result.stdout
 
 
+def outputs_of_both_walks(code: str, tmp_path) -> tuple:
+    """Runs code (which saves a list of tensors to $ROW_WALK_TEST_OUT and prints ok) in fresh processes with
+    TORCHMOE_SKINNY_ROW_WALK=0 (the strips) and =1 (the row walk); returns both lists, strips first."""
+    results = []
+    for walk in ("0", "1"):
+        path = tmp_path / f"walk{walk}.pt"
+        assert run_python(code, TORCHMOE_SKINNY_ROW_WALK=walk, ROW_WALK_TEST_OUT=str(path)).strip() == "ok"
+        results.append(torch.load(path))
+    return tuple(results)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -9,7 +9,7 @@ import torch
 import torchmoe
 from torchmoe import reference
 
-from conftest import run_python
+from conftest import outputs_of_both_walks, run_python
 
 TOL = {
     torch.float64: dict(atol=1e-10, rtol=1e-10),
@@ -276,12 +276,7 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
 torch.save(outs, os.environ["ROW_WALK_TEST_OUT"])
 print("ok")
 """
-    results = []
-    for walk in ("0", "1"):
-        path = tmp_path / f"walk{walk}.pt"
-        assert run_python(code, TORCHMOE_SKINNY_ROW_WALK=walk, ROW_WALK_TEST_OUT=str(path)).strip() == "ok"
-        results.append(torch.load(path))
-    strips, walked = results
+    strips, walked = outputs_of_both_walks(code, tmp_path)
     assert len(strips) == len(walked) == 48
     for a, b in zip(strips, walked):
         assert torch.equal(a, b)

@@ -10,7 +10,7 @@ import torchmoe
 from torchmoe import _info, reference
 from torchmoe.quantization import dequantize_weight
 
-from conftest import DEVICES, run_python
+from conftest import DEVICES, outputs_of_both_walks, run_python
 
 # (bits, group_size, symmetric)
 FORMATS = [(8, 128, True), (4, 128, True), (4, 128, False), (4, 64, True), (4, 32, False), (4, 2, True)]
@@ -253,12 +253,7 @@ for bits, gs, sym in ((8, 128, True), (4, 128, True), (4, 64, False), (4, 32, Tr
 torch.save(outs, os.environ["ROW_WALK_TEST_OUT"])
 print("ok")
 """
-    results = []
-    for walk in ("0", "1"):
-        path = tmp_path / f"walk{walk}.pt"
-        assert run_python(code, TORCHMOE_SKINNY_ROW_WALK=walk, ROW_WALK_TEST_OUT=str(path)).strip() == "ok"
-        results.append(torch.load(path))
-    strips, walked = results
+    strips, walked = outputs_of_both_walks(code, tmp_path)
     assert len(strips) == len(walked) == 72
     for a, b in zip(strips, walked):
         assert torch.equal(a, b)
