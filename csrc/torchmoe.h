@@ -7,5 +7,6 @@
 #include "ops/grouped_mm_quantized.h"
 #include "ops/moe_forward.h"
 #include "ops/route_plan.h"
+#include "ops/router_logits.h"
 #include "ops/swiglu.h"
 #include "ops/topk_gating.h"

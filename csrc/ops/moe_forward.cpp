@@ -13,6 +13,7 @@
 #include "ops/grouped_mm.h"
 #include "ops/grouped_mm_quantized.h"
 #include "ops/route_plan.h"
+#include "ops/router_logits.h"
 #include "ops/swiglu.h"
 #include "ops/topk_gating.h"
 
@@ -48,9 +49,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_forwa
     const at::Tensor& down_proj, int64_t bits, const std::vector<std::optional<at::Tensor>>& scales,
     const std::vector<std::optional<at::Tensor>>& zeros, const std::vector<int64_t>& group_sizes) {
   TORCH_CHECK(x.dim() == 2, "_moe_forward: argument 'x' must be 2-D [T, d_model], got ", x.dim(), "-D");
-  TORCH_CHECK(router_weight.dim() == 2 && router_weight.scalar_type() == at::kFloat,
-              "_moe_forward: argument 'router_weight' must be a 2-D float32 [E, d_model] tensor, got ",
-              router_weight.dim(), "-D ", router_weight.scalar_type());
+  TORCH_CHECK(router_weight.dim() == 2 && router_weight.sym_size(1) == x.sym_size(1) &&
+                  at::isFloatingType(router_weight.scalar_type()),
+              "_moe_forward: argument 'router_weight' must be a floating [E, d_model = ", x.sym_size(1),
+              "] tensor, got ", router_weight.scalar_type(), " of shape ", router_weight.sym_sizes());
   const bool swiglu_experts = activation == "swiglu";
   TORCH_CHECK(swiglu_experts || activation == "relu" || activation == "gelu",
               "_moe_forward: argument 'activation' must be \"swiglu\", \"relu\" or \"gelu\", got \"", activation,
@@ -72,7 +74,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_forwa
   }
   const int64_t num_experts = router_weight.size(0);
 
-  auto logits = at::linear(x.to(at::kFloat), router_weight);
+  auto logits = router_logits(x, router_weight);
   auto [weights, indices] = topk_gating(logits, k, score_func, renormalize, expert_bias, num_expert_groups,
                                         topk_expert_groups, scale);
   auto [dest, counts] = route_plan(indices, num_experts, -1);

@@ -10,8 +10,8 @@
 
 namespace torchmoe::ops {
 
-// (y, weights, indices, logits, counts) of the dropless layer on x [T, d_model]: router logits = x (float32) @
-// router_weight^T, topk_gating, route_plan, dispatch, the experts (grouped_mm, or grouped_mm_quantized when bits is
+// (y, weights, indices, logits, counts) of the dropless layer on x [T, d_model]: router logits = router_logits(x,
+// router_weight), topk_gating, route_plan, dispatch, the experts (grouped_mm, or grouped_mm_quantized when bits is
 // 4 or 8: then gate_proj / up_proj / down_proj are the packed codes and scales, zeros, group_sizes hold their
 // (gate, up, down) entries), the activation ("swiglu" with gate_proj, "relu" or "gelu" without), combine.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> _moe_forward(

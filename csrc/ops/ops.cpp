@@ -13,6 +13,10 @@ TORCH_LIBRARY(torchmoe, m) {
   m.def("_topk_gating_backward(Tensor grad_weights, Tensor logits, Tensor indices, str score_func, "
         "bool renormalize, float scale) -> Tensor", tags);
 
+  // The router's logits: x [..., d] @ weight[E, d]^T, operands of any float dtype read as stored, float32 sums
+  // (float64 if an operand is float64) in an order that does not depend on the batch or the thread count.
+  m.def("router_logits(Tensor x, Tensor weight) -> Tensor", tags);
+
   // Slot of every (token, choice) in its expert's queue: a stable counting sort; capacity or dropless.
   m.def("route_plan(Tensor indices, int num_experts, int capacity=-1, Tensor? priority=None) "
         "-> (Tensor dest, Tensor counts)", tags);

@@ -3,6 +3,7 @@
 `import torchmoe` registers the ops under `torch.ops.torchmoe` (usable from Python, TorchScript,
 torch.compile and C++) and exposes typed functional wrappers:
 
+- :func:`router_logits` — the router's float32 logits, each operand read in its own dtype
 - :func:`topk_gating`  — top-k expert selection and gate weights
 - :func:`route_plan`   — slot of each (token, choice) in its expert's buffer (capacity or dropless)
 - :func:`dispatch` / :func:`combine` — move token rows into expert buffers and back
@@ -22,7 +23,8 @@ from . import _library
 _library.load()
 
 from .ops import (  # noqa: E402
-    capacity, combine, cpu_cache_bytes, dispatch, empty_cpu_cache, grouped_mm, route_plan, swiglu, topk_gating,
+    capacity, combine, cpu_cache_bytes, dispatch, empty_cpu_cache, grouped_mm, route_plan, router_logits, swiglu,
+    topk_gating,
 )
 from .quantization import QuantizedWeight, dequantize_weight, grouped_mm_quantized, quantize_weight  # noqa: E402
 from . import reference  # noqa: E402
@@ -31,6 +33,7 @@ from ._info import info  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = [
+    "router_logits",
     "topk_gating",
     "route_plan",
     "dispatch",

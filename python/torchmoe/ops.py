@@ -57,6 +57,31 @@ def topk_gating(
     )
 
 
+def router_logits(x: Tensor, weight: Tensor) -> Tensor:
+    """The router's logits ``x @ weight.T`` in float32, with each operand read in its own dtype.
+
+    Args:
+        x: tokens ``[..., d_model]``, float16, bfloat16, float32 or float64.
+        weight: the router weight ``[E, d_model]``, of any of those dtypes (a bfloat16 model keeps its bfloat16
+            router weight: no float32 copy is made or kept).
+
+    Returns:
+        ``logits [..., E]``: float32 (float64 when an operand is float64). Each logit is the float32 sum of the exact
+        products ``x[..., i] * weight[e, i]``, in a fixed order that depends on neither the number of tokens nor the
+        thread count (a token's logits are the same alone or in a batch; a GEMM's are not). Equal to
+        ``F.linear(x.float(), weight.float())`` up to float32 rounding. Differentiable w.r.t. both, twice.
+
+    Raises:
+        RuntimeError: naming the argument, for a non-floating operand, a ``weight`` that is not 2-D with
+            ``d_model = x.shape[-1]`` columns, or operands on different devices.
+
+    Example::
+
+        >>> logits = torchmoe.router_logits(torch.randn(4, 64, dtype=torch.bfloat16), torch.randn(8, 64))  # [4, 8]
+    """
+    return torch.ops.torchmoe.router_logits(x, weight)
+
+
 def route_plan(
     indices: Tensor, num_experts: int, capacity: int = -1, priority: Optional[Tensor] = None
 ) -> Tuple[Tensor, Tensor]:

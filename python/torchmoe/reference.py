@@ -20,6 +20,12 @@ def _stable_topk(values: Tensor, k: int) -> Tensor:
     return torch.sort(values, dim=-1, descending=True, stable=True).indices[..., :k]
 
 
+def router_logits(x: Tensor, weight: Tensor) -> Tensor:
+    """Reference for :func:`torchmoe.router_logits`."""
+    acc = torch.float64 if torch.float64 in (x.dtype, weight.dtype) else torch.float32
+    return F.linear(x.to(acc), weight.to(acc))
+
+
 def topk_gating(
     logits: Tensor,
     k: int,

@@ -204,7 +204,7 @@ def sample_args(bits=0, activation="swiglu", T=5, d=32, f=48, E=6, k=2, dtype=to
 def composed(x, router_weight, expert_bias, k, score_func, renormalize, groups, topk_groups, scale, activation,
              gate_proj, up_proj, down_proj, bits, scales, zeros, group_sizes):
     """_moe_forward written out with the public ops."""
-    logits = torch.nn.functional.linear(x.float(), router_weight)
+    logits = torchmoe.router_logits(x, router_weight)
     weights, indices = torchmoe.topk_gating(logits, k, score_func, renormalize, expert_bias, groups, topk_groups,
                                             scale)
     dest, counts = torchmoe.route_plan(indices, router_weight.shape[0])
@@ -239,9 +239,9 @@ def test_opcheck(bits):
 
 
 def test_gradcheck_float64():
-    # CompositeImplicitAutograd: autograd runs through the public ops' backward kernels. The router works in
-    # float32 (no finite differences through it): a zero router routes every token to experts 0 and 1 with
-    # weights 1/2, and x's gradient comes through dispatch, the experts and combine.
+    # CompositeImplicitAutograd: autograd runs through the public ops' backward kernels. A zero router (no
+    # finite differences across a change of selection) routes every token to experts 0 and 1 with weights 1/2,
+    # and x's gradient comes through dispatch, the experts and combine.
     torch.manual_seed(0)
     x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
     router_weight = torch.zeros(5, 6, dtype=torch.float32)
@@ -303,7 +303,8 @@ assert torch.equal(step(x, router_weight, up, down), want)
 
 @pytest.mark.parametrize("change,message", [
     (lambda a: a.__setitem__(0, a[0][0]), "argument 'x'"),
-    (lambda a: a.__setitem__(1, a[1].double()), "argument 'router_weight'"),
+    (lambda a: a.__setitem__(1, a[1][:, :-1]), "argument 'router_weight'"),
+    (lambda a: a.__setitem__(1, a[1].long()), "argument 'router_weight'"),
     (lambda a: a.__setitem__(9, "silu"), "argument 'activation'"),
     (lambda a: a.__setitem__(10, None), "argument 'gate_proj'"),
     (lambda a: a.__setitem__(13, 3), "argument 'bits'"),

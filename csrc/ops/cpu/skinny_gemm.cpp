@@ -91,15 +91,15 @@ void skinny_mm_portable(int64_t rows, int64_t k, int64_t j0, int64_t j1, const f
   }
 }
 
-template <typename T>
+template <typename T, typename O>
 void skinny_mm_transposed_portable(int64_t rows, int64_t k, int64_t i0, int64_t i1, const float* g, int64_t ldg,
-                                   const T* w, int64_t ldw, T* out, int64_t ldo) {
+                                   const T* w, int64_t ldw, O* out, int64_t ldo) {
   for (int64_t i = i0; i < i1; ++i) {
     const T* wr = w + i * ldw;
     for (int64_t r = 0; r < rows; ++r) {
       float acc = 0.0f;
       for (int64_t j = 0; j < k; ++j) acc += g[r * ldg + j] * to_float(wr[j]);
-      out[r * ldo + i] = static_cast<T>(acc);
+      out[r * ldo + i] = static_cast<O>(acc);
     }
   }
 }
@@ -307,9 +307,9 @@ TORCHMOE_SKINNY_AVX512 void dot_pieces(int64_t group, int64_t j0, int64_t j1, in
 
 // out[r, i] = g[r, :] . w[i, :] for r < rows, i0 <= i < i1: each sum runs in vector lanes along the reduction,
 // then one fixed lane tree, whatever the group, piece and panel sizes.
-template <typename T>
+template <typename T, typename O>
 TORCHMOE_SKINNY_AVX512 void skinny_mm_transposed_avx512(int64_t rows, int64_t k, int64_t i0, int64_t i1,
-                                                        const float* g, int64_t ldg, const T* w, int64_t ldw, T* out,
+                                                        const float* g, int64_t ldg, const T* w, int64_t ldw, O* out,
                                                         int64_t ldo) {
   alignas(64) __m512 partial[kDotGroupRows][kDotPanelRows];  // [w row of the group][g row of the panel]
   for (int64_t p0 = 0; p0 < rows; p0 += kDotPanelRows) {
@@ -327,7 +327,7 @@ TORCHMOE_SKINNY_AVX512 void skinny_mm_transposed_avx512(int64_t rows, int64_t k,
       }
       for (int64_t i = 0; i < group; ++i) {
         for (int64_t r = 0; r < panel; ++r) {
-          out[(p0 + r) * ldo + ib + i] = static_cast<T>(_mm512_reduce_add_ps(partial[i][r]));
+          out[(p0 + r) * ldo + ib + i] = static_cast<O>(_mm512_reduce_add_ps(partial[i][r]));
         }
       }
     }
@@ -362,9 +362,10 @@ void skinny_mm(int64_t rows, int64_t k, int64_t j0, int64_t j1, const T* x, int6
   skinny_mm_portable(rows, k, j0, j1, xf, ldxf, w, ldw, out, ldo);
 }
 
-template <typename T>
-void skinny_mm_transposed(int64_t rows, int64_t k, int64_t i0, int64_t i1, const T* g, int64_t ldg, const T* w,
-                          int64_t ldw, T* out, int64_t ldo) {
+namespace {
+template <typename G, typename T, typename O>
+void transposed_any(int64_t rows, int64_t k, int64_t i0, int64_t i1, const G* g, int64_t ldg, const T* w,
+                    int64_t ldw, O* out, int64_t ldo) {
   if (rows <= 0 || i1 <= i0) return;
   if (k == 0) return zero_columns(rows, i0, i1, out, ldo);
   int64_t ldgf = 0;
@@ -373,6 +374,19 @@ void skinny_mm_transposed(int64_t rows, int64_t k, int64_t i0, int64_t i1, const
   if (skinny_avx512_available()) return skinny_mm_transposed_avx512(rows, k, i0, i1, gf, ldgf, w, ldw, out, ldo);
 #endif
   skinny_mm_transposed_portable(rows, k, i0, i1, gf, ldgf, w, ldw, out, ldo);
+}
+}  // namespace
+
+template <typename T>
+void skinny_mm_transposed(int64_t rows, int64_t k, int64_t i0, int64_t i1, const T* g, int64_t ldg, const T* w,
+                          int64_t ldw, T* out, int64_t ldo) {
+  transposed_any(rows, k, i0, i1, g, ldg, w, ldw, out, ldo);
+}
+
+template <typename G, typename T>
+void skinny_mm_transposed_float_out(int64_t rows, int64_t k, int64_t i0, int64_t i1, const G* g, int64_t ldg,
+                                    const T* w, int64_t ldw, float* out, int64_t ldo) {
+  transposed_any(rows, k, i0, i1, g, ldg, w, ldw, out, ldo);
 }
 
 #define TORCHMOE_INSTANTIATE_SKINNY(T)                                                                            \
@@ -384,5 +398,18 @@ TORCHMOE_INSTANTIATE_SKINNY(float)
 TORCHMOE_INSTANTIATE_SKINNY(c10::BFloat16)
 TORCHMOE_INSTANTIATE_SKINNY(c10::Half)
 #undef TORCHMOE_INSTANTIATE_SKINNY
+
+#define TORCHMOE_INSTANTIATE_FLOAT_OUT(G, T)                                                                   \
+  template void skinny_mm_transposed_float_out<G, T>(int64_t, int64_t, int64_t, int64_t, const G*, int64_t, \
+                                                     const T*, int64_t, float*, int64_t);
+#define TORCHMOE_INSTANTIATE_FLOAT_OUT_FOR(G)        \
+  TORCHMOE_INSTANTIATE_FLOAT_OUT(G, float)           \
+  TORCHMOE_INSTANTIATE_FLOAT_OUT(G, c10::BFloat16)   \
+  TORCHMOE_INSTANTIATE_FLOAT_OUT(G, c10::Half)
+TORCHMOE_INSTANTIATE_FLOAT_OUT_FOR(float)
+TORCHMOE_INSTANTIATE_FLOAT_OUT_FOR(c10::BFloat16)
+TORCHMOE_INSTANTIATE_FLOAT_OUT_FOR(c10::Half)
+#undef TORCHMOE_INSTANTIATE_FLOAT_OUT_FOR
+#undef TORCHMOE_INSTANTIATE_FLOAT_OUT
 
 }  // namespace torchmoe::cpu

@@ -61,4 +61,11 @@ template <typename T>
 void skinny_mm_transposed(int64_t rows, int64_t k, int64_t i0, int64_t i1, const T* g, int64_t ldg, const T* w,
                           int64_t ldw, T* out, int64_t ldo);
 
+// skinny_mm_transposed with g and w of any of the three types (each converted to float32 exactly) and a float32
+// out: the same sums, not rounded to a 16-bit type at the end (router logits). Any number of rows: g is taken
+// 16 rows per pass over w, and every out[r, i] is the same sum whatever rows, i0 and i1 a call covers.
+template <typename G, typename T>
+void skinny_mm_transposed_float_out(int64_t rows, int64_t k, int64_t i0, int64_t i1, const G* g, int64_t ldg,
+                                    const T* w, int64_t ldw, float* out, int64_t ldo);
+
 }  // namespace torchmoe::cpu

@@ -337,7 +337,7 @@ class MoE(nn.Module):
             return None
         gate_proj, up_proj, down_proj, bits, scales, zeros, group_sizes = experts
         y, weights, indices, logits, counts = torch.ops.torchmoe._moe_forward(
-            h, router._float_weight(), router._bias(), router.k, router.score_func, router.renormalize,
+            h, router.weight, router._bias(), router.k, router.score_func, router.renormalize,
             router.num_expert_groups, router.topk_expert_groups, router.scale, self.activation, gate_proj, up_proj,
             down_proj, bits, scales, zeros, group_sizes)
         if self.shared_expert is not None:

@@ -25,7 +25,8 @@ def _switch_init_(weight: Tensor, fan_in: int) -> None:
 
 
 class TopkRouter(nn.Module):
-    """Linear top-k router: ``logits = x @ weight.T`` (float32), then :func:`torchmoe.topk_gating`.
+    """Linear top-k router: ``logits = x @ weight.T`` by :func:`torchmoe.router_logits` (float32 sums, the weight
+    read in its own dtype; float64 for a float64 model), then :func:`torchmoe.topk_gating`.
 
     Args:
         d_model: token width.
@@ -91,35 +92,9 @@ class TopkRouter(nn.Module):
             return self.expert_bias.float()  # stays float32 even after module.to(torch.bfloat16)
         return None
 
-    @torch.jit.unused
-    def _float_weight_cached(self) -> Tensor:
-        # A half-precision weight's float32 copy, kept between calls while nothing can train it: a bfloat16 layer
-        # would otherwise convert its router weight on every decode step (about 28 us for 128 x 2048 on a 2-core
-        # Xeon, more than the rest of the routing). Keyed on the tensor, its storage and its version, so in-place
-        # updates (load_state_dict, optimizer steps) and .to() are seen.
-        w = self.weight
-        if torch.compiler.is_compiling() or (w.requires_grad and torch.is_grad_enabled()):
-            return w.float()
-        try:
-            version = w._version
-        except RuntimeError:  # an inference-mode tensor has no version counter
-            return w.float()
-        cache = self.__dict__.get("_float_weight_cache")
-        if cache is not None and cache[0] is w and cache[1] == version and cache[2] == w.data_ptr():
-            return cache[3]
-        w_float = w.detach().float()
-        self.__dict__["_float_weight_cache"] = (w, version, w.data_ptr(), w_float)
-        return w_float
-
-    def _float_weight(self) -> Tensor:
-        if self.weight.dtype == torch.float32:
-            return self.weight
-        if torch.jit.is_scripting():
-            return self.weight.float()
-        return self._float_weight_cached()
-
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        logits = F.linear(x.float(), self._float_weight())
+        # the weight as stored: a bfloat16 router weight is read as bfloat16, with float32 sums
+        logits = ops.router_logits(x, self.weight)
         weights, indices = ops.topk_gating(
             logits,
             self.k,
@@ -135,7 +110,7 @@ class TopkRouter(nn.Module):
     @torch.jit.unused
     def forward_reference(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """:meth:`forward` through :func:`torchmoe.reference.topk_gating` (eager only)."""
-        logits = F.linear(x.float(), self.weight.float())
+        logits = _reference.router_logits(x, self.weight)
         weights, indices = _reference.topk_gating(
             logits,
             self.k,
