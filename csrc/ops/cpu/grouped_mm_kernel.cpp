@@ -269,7 +269,8 @@ at::Tensor grouped_mm_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, c
   const int64_t n = x.size(0);
   const auto offsets = expert_offsets(counts, n, "grouped_mm");
   auto out = cpu::empty_output({n, weight.size(2)}, x.options());
-  if (n == 0) return out;
+  if (n == 0 || weight.size(2) == 0) return out;
+  if (weight.size(1) == 0) return out.zero_();  // empty reduction: no tasks, no threads
   const bool skinny_ok = skinny_dtype(x.scalar_type());
   const bool amx_ok = amx_forward_ok(x, weight);
   const auto skinny = skinny_blocks(offsets, weight.size(2), weight.element_size(), skinny_ok, amx_ok);

@@ -346,7 +346,7 @@ class MoE(nn.Module):
         state = self.__dict__  # as there: plain attributes, without nn.Module.__setattr__
         state["expert_counts"] = counts
         state["dropped_tokens"] = torch.zeros((), dtype=torch.long, device=x.device)
-        return y.view(x.shape)
+        return y if x.dim() == 2 else y.view(x.shape)  # (a view costs a few us at a decode step)
 
     def forward(self, x: Tensor) -> Tensor:
         """``x [..., d_model]`` -> ``y [..., d_model]``; sets :attr:`aux_loss`, :attr:`expert_counts` and
