@@ -13,8 +13,12 @@ the time to read those bytes, or at larger T the time of its multiply-adds at th
   hit        experts hit, averaged over the rotating token batches
   MB         bytes of the experts hit as stored (int4/int8 codes, scales included) plus the router
   ms         median time of one forward of the whole layer (routing, dispatch, products, combine)
-  roof ms    max(MB / read bandwidth, flops / float32 GEMM rate), both measured in this run (read bandwidth:
-             x.sum() over a float32 buffer of 256 MiB or 4x the last-level cache, whichever is larger)
+  roof ms    max(MB / read bandwidth, flops / float32 GEMM rate), both measured in this run. Read bandwidth: the
+             faster of two probes over a buffer of 256 MiB or 4x the last-level cache, whichever is larger, timed
+             in turn with the layer in every row (the machine's rate drifts): x.sum() over float32, and one token
+             through torchmoe.grouped_mm over bfloat16 experts filling the buffer (a single-row product is a
+             plain stream over its weight, and on some CPUs it reads faster than x.sum(): 43 against 26 GB/s on
+             a 2-core Zen 4 VM; a roof below what the machine reads would flatter every fraction)
   of roof    roof ms / ms (1.0 = at the machine's limit)
   other us   the layer's time outside the expert products: the layer with hollow experts (d_ff = 0, see
              outside_experts), so routing, dispatch, the products' fixed costs, activation and combine
@@ -30,6 +34,7 @@ import argparse
 import copy
 import glob
 import math
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
@@ -92,9 +97,33 @@ def read_bytes(llc: int) -> int:
     return min(max(256 << 20, 4 * llc), 4 << 30)
 
 
-def read_bandwidth(reps: int, x: torch.Tensor) -> float:
-    """GB/s of x.sum() over the float32 buffer x (reads only)."""
-    return x.numel() * x.element_size() / median_times({"sum": lambda: x.sum()}, reps, min_time=0.02)["sum"] / 1e9
+class ReadProbes:
+    """The two read probes over nbytes each: x.sum() over float32, and one token through grouped_mm over bfloat16
+    experts of 2048 x 1024 (8 MiB each) filling the buffer. probes() gives them to time with the layer; gbps()
+    turns their times into the read bandwidth (the faster)."""
+
+    def __init__(self, nbytes: int):
+        self.nbytes = nbytes
+        self.sum_buffer = torch.ones(nbytes // 4)
+        experts = max(1, nbytes // (2048 * 1024 * 2))
+        self.weight = torch.ones(experts, 2048, 1024, dtype=torch.bfloat16)
+        self.x = torch.ones(experts, 2048, dtype=torch.bfloat16)
+        self.counts = torch.ones(experts, dtype=torch.long)
+        self.stream_bytes = self.weight.numel() * 2
+
+    def probes(self) -> dict:
+        return {"read sum": lambda: self.sum_buffer.sum(),
+                "read stream": lambda: torchmoe.grouped_mm(self.x, self.weight, self.counts)}
+
+    def gbps(self, times: dict) -> Tuple[float, float]:
+        """(read bandwidth, x.sum()'s share of it) in GB/s from the probes' times."""
+        by_sum = self.nbytes / times["read sum"] / 1e9
+        by_stream = self.stream_bytes / times["read stream"] / 1e9
+        return max(by_sum, by_stream), by_sum
+
+    def measure(self, reps: int) -> Tuple[float, float]:
+        with torch.no_grad():
+            return self.gbps(median_times(self.probes(), reps, min_time=0.02))
 
 
 def gemm_rate(reps: int) -> float:
@@ -236,15 +265,17 @@ def main(argv=None) -> None:
 
     llc = last_level_cache_bytes()
     probe_bytes = read_bytes(llc)
-    read_buffer = torch.ones(probe_bytes // 4)
-    bw = read_bandwidth(args.reps, read_buffer)
+    read = ReadProbes(probe_bytes)
+    bw, bw_sum = read.measure(args.reps)
     rate = gemm_rate(args.reps)
     print(f"{cpu_model()} ({cpu_flags()}, LLC {llc >> 20} MiB) | torch {torch.__version__} | "
-          f"{torch.get_num_threads()} threads | read {bw:.1f} GB/s (x.sum() over {probe_bytes >> 20} MiB) | "
+          f"{torch.get_num_threads()} threads | read {bw:.1f} GB/s at the start (x.sum() {bw_sum:.1f}; the faster of "
+          f"x.sum() and a one-token bfloat16 grouped_mm over {probe_bytes >> 20} MiB, measured again in every row) | "
           "float32 GEMM "
           f"{rate:.0f} GFLOP/s (torch.mm 2048^3) | median of {args.reps}")
-    print("| shape | dtype | T | hit | MB | ms | roof ms | of roof | other us | x bf16 | base | base ms | x base |")
-    print("|" + "---|" * 13)
+    print("| shape | dtype | T | hit | MB | ms | read GB/s | roof ms | of roof | other us | x bf16 | base | base ms "
+          "| x base |")
+    print("|" + "---|" * 14)
     bf16_ms = {}
     summary = []
     for shape_text in args.shapes.split(","):
@@ -273,10 +304,8 @@ def main(argv=None) -> None:
                     hit = sum(hits) / len(hits)
                     nbytes = hit * per_expert + layer.router.weight.numel() * layer.router.weight.element_size()
                     flops = 2.0 * T * k * 3 * d_model * d_ff
-                    roof = max(nbytes / (bw * 1e9), flops / (rate * 1e9))
                     fns = {"ours": Cycle(layers, batches, lambda m, x: m(x)),
-                           "other": outside_experts(layer, batches[0]),
-                           "read": lambda: read_buffer.sum()}
+                           "other": outside_experts(layer, batches[0]), **read.probes()}
                     if base_name is not None:
                         fns["base"] = Cycle(bases, batches, base_fn)
                         y, y_base = layer(batches[0]), base_fn(bases[0], batches[0])
@@ -284,6 +313,8 @@ def main(argv=None) -> None:
                         torch.testing.assert_close(y_base.float(), y.float(), rtol=tol, atol=tol,
                                                    msg=f"{base_name} disagrees with torchmoe")
                     times = median_times(fns, args.reps, min_time=0.02)
+                row_bw, _ = read.gbps(times)
+                roof = max(nbytes / (row_bw * 1e9), flops / (rate * 1e9))
                 t = times["ours"]
                 if dtype_name == "bfloat16":
                     bf16_ms[(shape, T)] = t
@@ -292,7 +323,7 @@ def main(argv=None) -> None:
                         else "| - | - | - |")
                 summary.append((shape, dtype_name, T, roof / t))
                 print(f"| {shape} {d_model}/{d_ff} E={E} k={k} | {dtype_name} | {T} | {hit:.1f} | {nbytes / 1e6:.1f} | "
-                      f"{t * 1e3:.3f} | {roof * 1e3:.3f} | {roof / t:.2f} | {times['other'] * 1e6:.0f} | {x_bf16} "
+                      f"{t * 1e3:.3f} | {row_bw:.1f} | {roof * 1e3:.3f} | {roof / t:.2f} | {times['other'] * 1e6:.0f} | {x_bf16} "
                       + base, flush=True)
             del layers
     for lo, hi in ((1, 16), (32, 128)):
