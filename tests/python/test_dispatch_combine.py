@@ -8,6 +8,8 @@ import torch._dynamo.testing
 import torchmoe
 from torchmoe import reference as ref
 
+from conftest import run_python
+
 OPS = torch.ops.torchmoe
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 NUM_EXPERTS = 8
@@ -423,3 +425,37 @@ def test_dispatch_backward_grad_out_not_2d(device):
     _, dest, e, _ = _good(device)
     with pytest.raises(RuntimeError, match="'grad_out'"):
         OPS._dispatch_backward(e.view(-1), dest)
+
+
+def test_avx512_rows_equal_the_portable_loops(tmp_path):
+    # combine and the backward ops on its row loops with the AVX-512 conversions and weighted sums, and with
+    # TORCHMOE_DISABLE_AVX512=1 (the baseline loops): the same bits, NaN, inf and tails included.
+    code = """
+import os, torch, torchmoe
+torch.manual_seed(0)
+ops = torch.ops.torchmoe
+outs = []
+for dtype in (torch.bfloat16, torch.float32, torch.float16):
+    for d in (1, 15, 16, 33, 1024, 1100):
+        e = (torch.randn(24, d) * 3).to(dtype)
+        e[0, 0] = float("nan")
+        e[1, -1] = float("inf")
+        dest = torch.randperm(24)[:20].view(10, 2)
+        w = torch.randn(10, 2)
+        w[0] = 0.5
+        y = ops.combine(e, dest, w)
+        g = torch.randn(10, d).to(dtype)
+        outs += [y, *ops._combine_backward(g, e, dest, w), ops._dispatch_backward(e, dest)]
+torch.save(outs, os.environ["OUT"])
+print("ok")
+"""
+    results = []
+    for disable in ("1", "0"):
+        path = tmp_path / f"rows{disable}.pt"
+        assert run_python(code, TORCHMOE_DISABLE_AVX512=disable, OUT=str(path)).strip() == "ok"
+        results.append(torch.load(path))
+    assert len(results[0]) == len(results[1]) == 72
+    for a, b in zip(*results):
+        assert a.dtype == b.dtype
+        assert torch.equal(a.view(torch.uint8) if a.dtype != torch.float64 else a,
+                           b.view(torch.uint8) if b.dtype != torch.float64 else b)

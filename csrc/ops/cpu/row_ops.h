@@ -19,6 +19,7 @@
 #endif
 
 #include "ops/common/checks.h"
+#include "ops/cpu/skinny_gemm.h"
 
 namespace torchmoe::cpu {
 
@@ -127,6 +128,64 @@ __attribute__((target("avx,f16c"))) inline void float_to_half_f16c(const float* 
   for (; i < n; ++i) dst[i] = static_cast<c10::Half>(src[i]);
 }
 #define TORCHMOE_HAVE_F16C_PATH 1
+
+// bfloat16 <-> float32 and the weighted row sum of combine with AVX-512 (F, BW, VL) where the skinny kernels have it
+// (the baseline build converts and adds 4 floats at a time). Same results as the scalar loops: widening is
+// exact, narrowing rounds to nearest even with NaN -> 0x7FC0 as c10::BFloat16 does, and the weighted sum
+// multiplies, then adds (never a fused multiply-add).
+#define TORCHMOE_ROWS_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+TORCHMOE_ROWS_AVX512 inline void bf16_to_float_avx512(const c10::BFloat16* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, src + i));
+    _mm512_mask_storeu_ps(dst + i, m, _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16)));
+  }
+}
+
+TORCHMOE_ROWS_AVX512 inline void float_to_bf16_avx512(const float* src, c10::BFloat16* dst, int64_t n) {
+  const __m512i one = _mm512_set1_epi32(1);
+  const __m512i half_ulp = _mm512_set1_epi32(0x7FFF);
+  const __m512i quiet_nan = _mm512_set1_epi32(0x7FC0);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
+    const __m512 v = _mm512_maskz_loadu_ps(m, src + i);
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i bias = _mm512_add_epi32(half_ulp, _mm512_and_si512(_mm512_srli_epi32(u, 16), one));
+    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
+    rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), quiet_nan);
+    _mm256_mask_storeu_epi16(dst + i, m, _mm512_cvtepi32_epi16(rounded));
+  }
+}
+
+TORCHMOE_ROWS_AVX512 inline void weighted_sum_avx512(float* a, const float* src, float w, int64_t n, bool first) {
+  const __m512 wv = _mm512_set1_ps(w);
+  for (int64_t c = 0; c < n; c += 16) {
+    const __mmask16 m = n - c >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - c)) - 1);
+    __m512 product = _mm512_mul_ps(wv, _mm512_maskz_loadu_ps(m, src + c));
+    if (!first) {
+      asm("" : "+v"(product));  // keeps the compiler from fusing the multiply and the add
+      product = _mm512_add_ps(_mm512_maskz_loadu_ps(m, a + c), product);
+    }
+    _mm512_mask_storeu_ps(a + c, m, product);
+  }
+}
+
+// weighted_sum_avx512 reading bfloat16 src, widened in registers (no float copy of the row block).
+TORCHMOE_ROWS_AVX512 inline void weighted_sum_bf16_avx512(float* a, const c10::BFloat16* src, float w, int64_t n,
+                                                          bool first) {
+  const __m512 wv = _mm512_set1_ps(w);
+  for (int64_t c = 0; c < n; c += 16) {
+    const __mmask16 m = n - c >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - c)) - 1);
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, src + c));
+    __m512 product = _mm512_mul_ps(wv, _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16)));
+    if (!first) {
+      asm("" : "+v"(product));
+      product = _mm512_add_ps(_mm512_maskz_loadu_ps(m, a + c), product);
+    }
+    _mm512_mask_storeu_ps(a + c, m, product);
+  }
+}
+#define TORCHMOE_HAVE_AVX512_ROWS 1
 #endif
 }  // namespace detail
 
@@ -136,6 +195,11 @@ inline void to_acc(const T* __restrict__ src, acc_type<T>* __restrict__ dst, int
 #ifdef TORCHMOE_HAVE_F16C_PATH
   if constexpr (std::is_same_v<T, c10::Half>) {
     if (detail::has_f16c()) return detail::half_to_float_f16c(src, dst, n);
+  }
+#endif
+#ifdef TORCHMOE_HAVE_AVX512_ROWS
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (skinny_avx512_available()) return detail::bf16_to_float_avx512(src, dst, n);
   }
 #endif
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<acc_type<T>>(src[i]);
@@ -149,12 +213,22 @@ inline void from_acc(const acc_type<T>* __restrict__ src, T* __restrict__ dst, i
     if (detail::has_f16c()) return detail::float_to_half_f16c(src, dst, n);
   }
 #endif
+#ifdef TORCHMOE_HAVE_AVX512_ROWS
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (skinny_avx512_available()) return detail::float_to_bf16_avx512(src, dst, n);
+  }
+#endif
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
 }
 
 // a[0:n] = w * src (kFirst) or a[0:n] += w * src, all in the accumulation type.
 template <bool kWeighted, typename A>
 inline void axpy_acc(A* __restrict__ a, const A* __restrict__ src, A w, int64_t n, bool first) {
+#ifdef TORCHMOE_HAVE_AVX512_ROWS
+  if constexpr (kWeighted && std::is_same_v<A, float>) {
+    if (skinny_avx512_available()) return detail::weighted_sum_avx512(a, src, w, n, first);
+  }
+#endif
   if (first) {
     if constexpr (kWeighted) {
       for (int64_t c = 0; c < n; ++c) a[c] = w * src[c];
@@ -191,6 +265,10 @@ inline void gather_sum_row(T* out, const T* base, int64_t d, int64_t count, cons
       const T* src = base + row * d + c0;
       if constexpr (kInPlace) {
         axpy_acc<kWeighted>(out + c0, src, w, len, first);
+#ifdef TORCHMOE_HAVE_AVX512_ROWS
+      } else if (std::is_same_v<T, c10::BFloat16> && kWeighted && skinny_avx512_available()) {
+        if constexpr (std::is_same_v<T, c10::BFloat16>) detail::weighted_sum_bf16_avx512(acc_buf, src, w, len, first);
+#endif
       } else {
         to_acc(src, src_buf, len);
         axpy_acc<kWeighted>(acc_buf, src_buf, w, len, first);
