@@ -323,8 +323,8 @@ def main(argv=None) -> None:
                         else "| - | - | - |")
                 summary.append((shape, dtype_name, T, roof / t))
                 print(f"| {shape} {d_model}/{d_ff} E={E} k={k} | {dtype_name} | {T} | {hit:.1f} | {nbytes / 1e6:.1f} | "
-                      f"{t * 1e3:.3f} | {row_bw:.1f} | {roof * 1e3:.3f} | {roof / t:.2f} | {times['other'] * 1e6:.0f} | {x_bf16} "
-                      + base, flush=True)
+                      f"{t * 1e3:.3f} | {row_bw:.1f} | {roof * 1e3:.3f} | {roof / t:.2f} | "
+                      f"{times['other'] * 1e6:.0f} | {x_bf16} " + base, flush=True)
             del layers
     for lo, hi in ((1, 16), (32, 128)):
         fr = [f for _, _, T, f in summary if lo <= T <= hi]
