@@ -11,6 +11,7 @@
 // unit_column(h, l). Scales and zero points are permuted the same way, the totals back at the end.
 #include "ops/cpu/amx_gemm.h"
 
+#include "ops/cpu/lane_mask.h"
 #include "ops/cpu/skinny_gemm.h"
 
 #include <c10/util/Exception.h>
@@ -133,7 +134,7 @@ TORCHMOE_AMX inline void decode_chunk(const QuantizedMatrix& w, int64_t p0, int6
     for (int u = 0; u < kStripCols / 32; ++u) {
       const int64_t left = cols - 32 * u;
       if (left <= 0) break;
-      const __mmask32 mask = left >= 32 ? ~__mmask32(0) : __mmask32((1u << left) - 1);
+      const __mmask32 mask = lane_mask32(left);
       const uint8_t* q = w.q + (p0 >> 1) * w.n + j + 32 * u;
 #pragma GCC unroll 16
       for (int pair = 0; pair < 16; ++pair) {
@@ -153,7 +154,7 @@ TORCHMOE_AMX inline void decode_chunk(const QuantizedMatrix& w, int64_t p0, int6
     for (int t = 0; t < kStripCols / 16; ++t) {
       const int64_t left = cols - 16 * t;
       if (left <= 0) break;
-      const __mmask16 mask = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+      const __mmask16 mask = lane_mask(left);
       const uint16_t* v = reinterpret_cast<const uint16_t*>(w.q) + p0 * w.n + j + 16 * t;
 #pragma GCC unroll 16
       for (int pair = 0; pair < 16; ++pair) {
@@ -168,7 +169,7 @@ TORCHMOE_AMX inline void decode_chunk(const QuantizedMatrix& w, int64_t p0, int6
     for (int t = 0; t < kStripCols / 16; ++t) {
       const int64_t left = cols - 16 * t;
       if (left <= 0) break;
-      const __mmask16 mask = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+      const __mmask16 mask = lane_mask(left);
       const int8_t* q = reinterpret_cast<const int8_t*>(w.q) + p0 * w.n + j + 16 * t;
 #pragma GCC unroll 16
       for (int pair = 0; pair < 16; ++pair) {

@@ -8,6 +8,7 @@
 // bits; for 4 bits and bfloat16 activations, two codes at a time by vdpbf16ps where the CPU has it.
 #include "ops/cpu/quantized_gemm.h"
 
+#include "ops/cpu/lane_mask.h"
 #include "ops/cpu/skinny_gemm.h"
 
 #include <algorithm>
@@ -81,10 +82,6 @@ void quantized_skinny_mm_portable(const QuantizedMatrix& w, int64_t rows, int64_
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-
-inline __mmask16 lane_mask(int64_t left) {
-  return left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
-}
 
 // The 4-bit codes' float values, indexed by code: the code itself for the asymmetric form (whose zero point is
 // subtracted per group), code - 8 for the symmetric one.

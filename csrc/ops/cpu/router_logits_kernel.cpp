@@ -33,6 +33,7 @@
 #endif
 
 #include "ops/common/router_logits_checks.h"
+#include "ops/cpu/lane_mask.h"
 #include "ops/cpu/parallel.h"
 #include "ops/cpu/skinny_gemm.h"
 
@@ -47,10 +48,6 @@ constexpr int64_t kSplitOnceRows = 64;
 
 constexpr int64_t kPairStep = 32;  // weight values per step: 16 dwords
 
-inline float value_as_float(float v) { return v; }
-inline float value_as_float(c10::BFloat16 v) { return static_cast<float>(v); }
-inline float value_as_float(c10::Half v) { return static_cast<float>(v); }
-
 // x's rows as [rows][2][half] float32 in out (half = steps * 16): the even-indexed values, then the odd-indexed
 // ones, zero past d.
 template <typename G>
@@ -61,12 +58,12 @@ void split_pairs(const G* x, int64_t rows, int64_t d, int64_t half, float* out) 
     float* odd = even + half;
     const int64_t pairs = d / 2;
     for (int64_t i = 0; i < pairs; ++i) {
-      even[i] = value_as_float(xr[2 * i]);
-      odd[i] = value_as_float(xr[2 * i + 1]);
+      even[i] = static_cast<float>(xr[2 * i]);
+      odd[i] = static_cast<float>(xr[2 * i + 1]);
     }
     std::fill(even + pairs, even + half, 0.0f);
     std::fill(odd + pairs, odd + half, 0.0f);
-    if (d % 2 != 0) even[pairs] = value_as_float(xr[d - 1]);
+    if (d % 2 != 0) even[pairs] = static_cast<float>(xr[d - 1]);
   }
 }
 
@@ -89,7 +86,7 @@ TORCHMOE_ROUTER_AVX512 void bf16_pairs(const float* xs, int64_t half, int64_t d,
     }
     for (int64_t s = 0; s < steps; ++s) {
       const int64_t left = d - s * kPairStep;
-      const __mmask32 m = left >= kPairStep ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << left) - 1);
+      const __mmask32 m = lane_mask32(left);
       __m512 even_x[RB], odd_x[RB];
 #pragma GCC unroll 4
       for (int r = 0; r < RB; ++r) {

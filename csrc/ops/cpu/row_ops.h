@@ -19,6 +19,7 @@
 #endif
 
 #include "ops/common/checks.h"
+#include "ops/cpu/lane_mask.h"
 #include "ops/cpu/skinny_gemm.h"
 
 namespace torchmoe::cpu {
@@ -134,11 +135,15 @@ __attribute__((target("avx,f16c"))) inline void float_to_half_f16c(const float* 
 // exact, narrowing rounds to nearest even with NaN -> 0x7FC0 as c10::BFloat16 does, and the weighted sum
 // multiplies, then adds (never a fused multiply-add).
 #define TORCHMOE_ROWS_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+TORCHMOE_ROWS_AVX512 inline __m512 load_as_float(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+TORCHMOE_ROWS_AVX512 inline __m512 load_as_float(const c10::BFloat16* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
 TORCHMOE_ROWS_AVX512 inline void bf16_to_float_avx512(const c10::BFloat16* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
-    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, src + i));
-    _mm512_mask_storeu_ps(dst + i, m, _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16)));
+    const __mmask16 m = lane_mask(n - i);
+    _mm512_mask_storeu_ps(dst + i, m, load_as_float(src + i, m));
   }
 }
 
@@ -147,7 +152,7 @@ TORCHMOE_ROWS_AVX512 inline void float_to_bf16_avx512(const float* src, c10::BFl
   const __m512i half_ulp = _mm512_set1_epi32(0x7FFF);
   const __m512i quiet_nan = _mm512_set1_epi32(0x7FC0);
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
+    const __mmask16 m = lane_mask(n - i);
     const __m512 v = _mm512_maskz_loadu_ps(m, src + i);
     const __m512i u = _mm512_castps_si512(v);
     const __m512i bias = _mm512_add_epi32(half_ulp, _mm512_and_si512(_mm512_srli_epi32(u, 16), one));
@@ -157,29 +162,15 @@ TORCHMOE_ROWS_AVX512 inline void float_to_bf16_avx512(const float* src, c10::BFl
   }
 }
 
-TORCHMOE_ROWS_AVX512 inline void weighted_sum_avx512(float* a, const float* src, float w, int64_t n, bool first) {
+// a[0:n] = w * src (first) or a[0:n] += w * src, src float32 or bfloat16 (widened in registers, no float copy).
+template <typename T>
+TORCHMOE_ROWS_AVX512 inline void weighted_sum_avx512(float* a, const T* src, float w, int64_t n, bool first) {
   const __m512 wv = _mm512_set1_ps(w);
   for (int64_t c = 0; c < n; c += 16) {
-    const __mmask16 m = n - c >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - c)) - 1);
-    __m512 product = _mm512_mul_ps(wv, _mm512_maskz_loadu_ps(m, src + c));
+    const __mmask16 m = lane_mask(n - c);
+    __m512 product = _mm512_mul_ps(wv, load_as_float(src + c, m));
     if (!first) {
       asm("" : "+v"(product));  // keeps the compiler from fusing the multiply and the add
-      product = _mm512_add_ps(_mm512_maskz_loadu_ps(m, a + c), product);
-    }
-    _mm512_mask_storeu_ps(a + c, m, product);
-  }
-}
-
-// weighted_sum_avx512 reading bfloat16 src, widened in registers (no float copy of the row block).
-TORCHMOE_ROWS_AVX512 inline void weighted_sum_bf16_avx512(float* a, const c10::BFloat16* src, float w, int64_t n,
-                                                          bool first) {
-  const __m512 wv = _mm512_set1_ps(w);
-  for (int64_t c = 0; c < n; c += 16) {
-    const __mmask16 m = n - c >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - c)) - 1);
-    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, src + c));
-    __m512 product = _mm512_mul_ps(wv, _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16)));
-    if (!first) {
-      asm("" : "+v"(product));
       product = _mm512_add_ps(_mm512_maskz_loadu_ps(m, a + c), product);
     }
     _mm512_mask_storeu_ps(a + c, m, product);
@@ -244,6 +235,20 @@ inline void axpy_acc(A* __restrict__ a, const A* __restrict__ src, A w, int64_t 
   }
 }
 
+// axpy_acc of src (half/bfloat16) widened to the accumulation type: through scratch, or for weighted bfloat16 rows
+// with AVX-512, in registers.
+template <bool kWeighted, typename T>
+inline void widen_axpy_acc(acc_type<T>* __restrict__ a, const T* __restrict__ src, acc_type<T>* __restrict__ scratch,
+                           acc_type<T> w, int64_t n, bool first) {
+#ifdef TORCHMOE_HAVE_AVX512_ROWS
+  if constexpr (kWeighted && std::is_same_v<T, c10::BFloat16>) {
+    if (skinny_avx512_available()) return detail::weighted_sum_avx512(a, src, w, n, first);
+  }
+#endif
+  to_acc(src, scratch, n);
+  axpy_acc<kWeighted>(a, scratch, w, n, first);
+}
+
 // out[0:d] = sum over i < count of w_i * base[row_i, 0:d], skipping row_i < 0, in order of i.
 // get(i, row, w) yields the row and weight of term i. Accumulates in acc_type<T>: directly in out for
 // float/double; for half/bfloat16 in a stack block, each source block converted once. No term -> zeros.
@@ -265,13 +270,8 @@ inline void gather_sum_row(T* out, const T* base, int64_t d, int64_t count, cons
       const T* src = base + row * d + c0;
       if constexpr (kInPlace) {
         axpy_acc<kWeighted>(out + c0, src, w, len, first);
-#ifdef TORCHMOE_HAVE_AVX512_ROWS
-      } else if (std::is_same_v<T, c10::BFloat16> && kWeighted && skinny_avx512_available()) {
-        if constexpr (std::is_same_v<T, c10::BFloat16>) detail::weighted_sum_bf16_avx512(acc_buf, src, w, len, first);
-#endif
       } else {
-        to_acc(src, src_buf, len);
-        axpy_acc<kWeighted>(acc_buf, src_buf, w, len, first);
+        widen_axpy_acc<kWeighted>(acc_buf, src, src_buf, w, len, first);
       }
       first = false;
     }

@@ -5,6 +5,8 @@
 // kNC columns of b (packed block stays in L2/L3).
 #include "ops/cpu/sgemm.h"
 
+#include "ops/cpu/lane_mask.h"
+
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -123,10 +125,7 @@ TORCHMOE_AVX512 void micro_kernel(int64_t kc, const float* __restrict ap, const 
     bp += kNR;
   }
   __mmask16 masks[kVecs];
-  for (int v = 0; v < kVecs; ++v) {
-    const int64_t left = cols - 16 * v;
-    masks[v] = left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
-  }
+  for (int v = 0; v < kVecs; ++v) masks[v] = lane_mask(cols - 16 * v);
 #pragma GCC unroll 16
   for (int i = 0; i < kMR; ++i) {
     if (i >= rows) break;

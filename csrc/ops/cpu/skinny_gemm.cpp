@@ -6,6 +6,7 @@
 // Both keep about 16 sequential streams per thread, which the hardware prefetcher follows.
 #include "ops/cpu/skinny_gemm.h"
 
+#include "ops/cpu/lane_mask.h"
 #include "ops/cpu/sgemm.h"
 
 #include <algorithm>
@@ -118,10 +119,6 @@ TORCHMOE_SKINNY_AVX512 inline __m512 load16(const c10::BFloat16* p, __mmask16 m)
 }
 TORCHMOE_SKINNY_AVX512 inline __m512 load16(const c10::Half* p, __mmask16 m) {
   return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
-}
-
-inline __mmask16 lane_mask(int64_t left) {
-  return left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
 }
 
 template <int RB>

@@ -3,7 +3,7 @@
 
 Both routers take tokens ``[..., d_model]`` and return ``(weights [..., k], indices [..., k], logits [..., E])``
 with float32 ``weights`` and ``logits`` (router math is done in float32 whatever the input dtype, as Switch
-Transformer recommends) and int64 ``indices``.
+Transformer recommends; float64 for a float64 model) and int64 ``indices``.
 """
 import math
 from typing import Optional, Tuple
@@ -48,7 +48,8 @@ class TopkRouter(nn.Module):
         expert_bias: float32 buffer ``[num_experts]`` (zeros), used only when ``use_expert_bias``.
 
     Shape:
-        ``x [..., d_model]`` -> ``(weights [..., k] float32, indices [..., k] int64, logits [..., E] float32)``.
+        ``x [..., d_model]`` -> ``(weights [..., k], indices [..., k] int64, logits [..., E])``, weights and
+        logits float32 (float64 when ``x`` or the weight is float64).
     """
 
     def __init__(
