@@ -77,6 +77,20 @@ def test_a_token_has_the_same_logits_alone_and_in_any_batch(w_dtype):
     assert torch.equal(torchmoe.router_logits(x[5:38], weight), batched[5:38])
 
 
+@pytest.mark.parametrize("T,E,d", [(1, 128, 2048), (3, 7, 33), (16, 16, 64), (17, 60, 100), (70, 9, 1), (200, 128, 512)])
+def test_bfloat16_x_gives_the_bits_of_its_float32_copy(T, E, d):
+    # With a bfloat16 weight, bfloat16 x takes its pairs' products by vdpbf16ps where the CPU has AVX-512 BF16 and
+    # float32 x by two multiply-adds: the same products added in the same order, so the same bits (subnormals
+    # aside, which vdpbf16ps reads as zero; randn has none in bfloat16). The chunks of d a large batch takes
+    # (200 x 512) change nothing either.
+    g = torch.Generator().manual_seed(T * 1000 + d)
+    x = torch.randn(T, d, generator=g).bfloat16()
+    weight = torch.randn(E, d, generator=g).bfloat16()
+    got = torchmoe.router_logits(x, weight)
+    assert torch.equal(got, torchmoe.router_logits(x.float(), weight))
+    check_rounding(got, x, weight)
+
+
 def test_results_do_not_depend_on_thread_count():
     x, weight = torch.randn(37, 500), torch.randn(70, 500, dtype=torch.bfloat16)
     old = torch.get_num_threads()
