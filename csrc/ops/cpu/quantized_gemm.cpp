@@ -5,7 +5,8 @@
 // buffer (the total). 4-bit codes become floats with one permute against a 16-entry table (the table already
 // holds code - 8 for the symmetric form). Where row_walk_preferred() (AMD), one or two rows walk the packed weight
 // row after row instead (one sequential stream per thread), in the same order of multiply-adds, so with the same
-// bits; for 4 bits and bfloat16 activations, two codes at a time by vdpbf16ps where the CPU has it.
+// bits. For 4 bits and bfloat16 activations, the walk and the strips take two codes at a time by vdpbf16ps where
+// the CPU has it (qstrip_dot: the same bits again).
 #include "ops/cpu/quantized_gemm.h"
 
 #include "ops/cpu/lane_mask.h"
@@ -108,20 +109,16 @@ struct BlockArgs {
   int64_t ldx;
   const float* xsum;     // xsum[r * groups + g] for the block's rows (asymmetric only)
   int64_t groups;
+  const uint32_t* xpairs;  // row r0 of the bfloat16 pairs (x[2i], x[2i + 1]) (the 4-bit dot-product strips only)
+  int64_t ld_pairs;
 };
 
-// For the strip's columns [j, j + cols) and rows r < RB: acc (+)= x[r, p0:p0+kb] @ codes[p0:p0+kb, cols]; at the
-// group's last block, total (+)= scale * (acc - zero * xsum). gacc and total have row stride `width`, point at the
-// strip.
-template <int BITS, bool Asym, int RB, bool Full>
-TORCHMOE_QGEMM_AVX512 void qstrip(const BlockArgs& a, int64_t j, int64_t cols, float* gacc, float* total,
-                                  int64_t width) {
-  constexpr int NV = kVectors<RB>;
-  if constexpr (Full) cols = 16 * NV;
-  const QuantizedMatrix& w = *a.w;
-  __mmask16 masks[NV];
-  for (int v = 0; v < NV; ++v) masks[v] = lane_mask(cols - 16 * v);
-  __m512 acc[RB][NV];
+#define TORCHMOE_QGEMM_INLINE __attribute__((always_inline)) TORCHMOE_QGEMM_AVX512 inline
+
+// The strip's accumulators at a block's start: zero at its group's start, else the group's running sums.
+template <int RB, int NV>
+TORCHMOE_QGEMM_INLINE void start_strip(const BlockArgs& a, const __mmask16 (&masks)[NV], const float* gacc,
+                                       int64_t width, __m512 (&acc)[RB][NV]) {
 #pragma GCC unroll 8
   for (int r = 0; r < RB; ++r) {
 #pragma GCC unroll 16
@@ -129,41 +126,14 @@ TORCHMOE_QGEMM_AVX512 void qstrip(const BlockArgs& a, int64_t j, int64_t cols, f
       acc[r][v] = a.group_first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(masks[v], gacc + r * width + 16 * v);
     }
   }
-  // The strip's lines of the packed row one block ahead: a thread's reads are short runs of many rows, which the
-  // hardware prefetcher alone leaves at about half the read bandwidth.
-  constexpr int kLines = (16 * NV + 63) / 64;
-  constexpr int64_t kAheadRows = kPackedBlockRows;
-  if constexpr (BITS == 8) {
-    for (int64_t p = a.p0; p < a.p0 + a.kb; ++p) {
-      const int8_t* qr = reinterpret_cast<const int8_t*>(w.q) + p * w.n + j;
-#pragma GCC unroll 16
-      for (int l = 0; l < kLines; ++l) _mm_prefetch(reinterpret_cast<const char*>(qr + kAheadRows * w.n) + 64 * l, _MM_HINT_T0);
-#pragma GCC unroll 16
-      for (int v = 0; v < NV; ++v) {
-        const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(masks[v], qr + 16 * v)));
-#pragma GCC unroll 8
-        for (int r = 0; r < RB; ++r) acc[r][v] = _mm512_fmadd_ps(_mm512_set1_ps(a.x[r * a.ldx + p]), wv, acc[r][v]);
-      }
-    }
-  } else {
-    const __m512 table = code_table<Asym>();
-    for (int64_t p = a.p0; p < a.p0 + a.kb; p += 2) {
-      const uint8_t* qr = w.q + (p >> 1) * w.n + j;
-#pragma GCC unroll 16
-      for (int l = 0; l < kLines; ++l) _mm_prefetch(reinterpret_cast<const char*>(qr + kAheadRows * w.n) + 64 * l, _MM_HINT_T0);
-#pragma GCC unroll 16
-      for (int v = 0; v < NV; ++v) {
-        const __m512i b = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(masks[v], qr + 16 * v));
-        const __m512 lo = _mm512_permutexvar_ps(b, table);  // the permute reads the low 4 bits of each lane
-        const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table);
-#pragma GCC unroll 8
-        for (int r = 0; r < RB; ++r) {
-          acc[r][v] = _mm512_fmadd_ps(_mm512_set1_ps(a.x[r * a.ldx + p]), lo, acc[r][v]);
-          acc[r][v] = _mm512_fmadd_ps(_mm512_set1_ps(a.x[r * a.ldx + p + 1]), hi, acc[r][v]);
-        }
-      }
-    }
-  }
+}
+
+// At a block's end: the running sums back to gacc, or at the group's last block total (+)= scale * (acc - zero *
+// xsum).
+template <bool Asym, int RB, int NV>
+TORCHMOE_QGEMM_INLINE void finish_strip(const BlockArgs& a, int64_t j, const __mmask16 (&masks)[NV],
+                                        const __m512 (&acc)[RB][NV], float* gacc, float* total, int64_t width) {
+  const QuantizedMatrix& w = *a.w;
   if (!a.group_last) {
 #pragma GCC unroll 8
     for (int r = 0; r < RB; ++r) {
@@ -190,17 +160,60 @@ TORCHMOE_QGEMM_AVX512 void qstrip(const BlockArgs& a, int64_t j, int64_t cols, f
   }
 }
 
-template <int BITS, bool Asym, int RB>
-void block_strips(const BlockArgs& a, int64_t j0, int64_t width, float* gacc, float* total) {
-  constexpr int64_t kWidth = 16 * kVectors<RB>;
-  for (int64_t c = 0; c < width; c += kWidth) {
-    const int64_t cols = std::min(kWidth, width - c);
-    if (cols == kWidth) {
-      qstrip<BITS, Asym, RB, true>(a, j0 + c, cols, gacc + c, total + c, width);
-    } else {
-      qstrip<BITS, Asym, RB, false>(a, j0 + c, cols, gacc + c, total + c, width);
+// The strip's lines of the packed row one block ahead: a thread's reads are short runs of many rows, which the
+// hardware prefetcher alone leaves at about half the read bandwidth.
+template <int NV>
+TORCHMOE_QGEMM_INLINE void prefetch_strip(const uint8_t* packed_row, int64_t n) {
+  constexpr int kLines = (16 * NV + 63) / 64;
+#pragma GCC unroll 16
+  for (int l = 0; l < kLines; ++l) {
+    _mm_prefetch(reinterpret_cast<const char*>(packed_row + kPackedBlockRows * n) + 64 * l, _MM_HINT_T0);
+  }
+}
+
+// For the strip's columns [j, j + cols) and rows r < RB: acc (+)= x[r, p0:p0+kb] @ codes[p0:p0+kb, cols]; at the
+// group's last block, total (+)= scale * (acc - zero * xsum). gacc and total have row stride `width`, point at the
+// strip.
+template <int BITS, bool Asym, int RB, bool Full>
+TORCHMOE_QGEMM_AVX512 void qstrip(const BlockArgs& a, int64_t j, int64_t cols, float* gacc, float* total,
+                                  int64_t width) {
+  constexpr int NV = kVectors<RB>;
+  if constexpr (Full) cols = 16 * NV;
+  const QuantizedMatrix& w = *a.w;
+  __mmask16 masks[NV];
+  for (int v = 0; v < NV; ++v) masks[v] = lane_mask(cols - 16 * v);
+  __m512 acc[RB][NV];
+  start_strip<RB, NV>(a, masks, gacc, width, acc);
+  if constexpr (BITS == 8) {
+    for (int64_t p = a.p0; p < a.p0 + a.kb; ++p) {
+      const int8_t* qr = reinterpret_cast<const int8_t*>(w.q) + p * w.n + j;
+      prefetch_strip<NV>(reinterpret_cast<const uint8_t*>(qr), w.n);
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) {
+        const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(masks[v], qr + 16 * v)));
+#pragma GCC unroll 8
+        for (int r = 0; r < RB; ++r) acc[r][v] = _mm512_fmadd_ps(_mm512_set1_ps(a.x[r * a.ldx + p]), wv, acc[r][v]);
+      }
+    }
+  } else {
+    const __m512 table = code_table<Asym>();
+    for (int64_t p = a.p0; p < a.p0 + a.kb; p += 2) {
+      const uint8_t* qr = w.q + (p >> 1) * w.n + j;
+      prefetch_strip<NV>(qr, w.n);
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) {
+        const __m512i b = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(masks[v], qr + 16 * v));
+        const __m512 lo = _mm512_permutexvar_ps(b, table);  // the permute reads the low 4 bits of each lane
+        const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table);
+#pragma GCC unroll 8
+        for (int r = 0; r < RB; ++r) {
+          acc[r][v] = _mm512_fmadd_ps(_mm512_set1_ps(a.x[r * a.ldx + p]), lo, acc[r][v]);
+          acc[r][v] = _mm512_fmadd_ps(_mm512_set1_ps(a.x[r * a.ldx + p + 1]), hi, acc[r][v]);
+        }
+      }
     }
   }
+  finish_strip<Asym, RB, NV>(a, j, masks, acc, gacc, total, width);
 }
 
 // At a group's end: total[r, j] (+)= scale * (gacc[r, j] - zero * xsum[r, g]), as qstrip does.
@@ -398,12 +411,80 @@ void walk_rows(const QuantizedMatrix& w, int64_t j0, int64_t width, const float*
   }
 }
 
+// qstrip for 4-bit codes and bfloat16 x on a CPU with AVX-512 BF16 and VBMI: both codes of a byte in one
+// vdpbf16ps against the pair (x[p], x[p + 1]), as in q4_dot_walk_group (64 columns per load, one byte permute and
+// one word permute per 16), in place of two float permutes and two multiply-adds per row: the same bits.
+template <bool Asym, int RB, bool Full>
+TORCHMOE_QGEMM_DOT void qstrip_dot(const BlockArgs& a, int64_t j, int64_t cols, float* gacc, float* total,
+                                   int64_t width) {
+  constexpr int NV = kVectors<RB>;
+  constexpr int kSelectors = NV < 4 ? NV : 4;
+  constexpr int kLoads = (NV + 3) / 4;
+  if constexpr (Full) cols = 16 * NV;
+  const QuantizedMatrix& w = *a.w;
+  __mmask16 masks[NV];
+  for (int v = 0; v < NV; ++v) masks[v] = lane_mask(cols - 16 * v);
+  __mmask64 byte_masks[kLoads];
+  for (int l = 0; l < kLoads; ++l) {
+    const int64_t left = cols - 64 * l;
+    byte_masks[l] = left >= 64 ? ~__mmask64(0) : left <= 0 ? __mmask64(0) : (__mmask64(1) << left) - 1;
+  }
+  const __m512i table = bf16_code_table<Asym>();
+  __m512i selector[kSelectors];
+  for (int v = 0; v < kSelectors; ++v) selector[v] = code_selector(v);
+  __m512 acc[RB][NV];
+  start_strip<RB, NV>(a, masks, gacc, width, acc);
+  for (int64_t pp = a.p0 >> 1; pp < (a.p0 + a.kb) >> 1; ++pp) {
+    const uint8_t* qr = w.q + pp * w.n + j;
+    prefetch_strip<NV>(qr, w.n);
+#pragma GCC unroll 4
+    for (int l = 0; l < kLoads; ++l) {
+      const __m512i bytes = Full && NV >= 4 ? _mm512_loadu_si512(qr + 64 * l) : _mm512_maskz_loadu_epi8(byte_masks[l], qr + 64 * l);
+      const __m512i high = _mm512_srli_epi16(bytes, 4);
+#pragma GCC unroll 4
+      for (int v = 0; v < kSelectors; ++v) {
+        const __m512bh codes =
+            (__m512bh)_mm512_permutexvar_epi16(_mm512_permutex2var_epi8(bytes, selector[v], high), table);
+#pragma GCC unroll 8
+        for (int r = 0; r < RB; ++r) {
+          const __m512bh xpair = (__m512bh)_mm512_set1_epi32(static_cast<int>(a.xpairs[r * a.ld_pairs + pp]));
+          acc[r][4 * l + v] = _mm512_dpbf16_ps(acc[r][4 * l + v], codes, xpair);
+        }
+      }
+    }
+  }
+  finish_strip<Asym, RB, NV>(a, j, masks, acc, gacc, total, width);
+}
+
+template <int BITS, bool Asym, int RB>
+void block_strips(const BlockArgs& a, int64_t j0, int64_t width, float* gacc, float* total) {
+  constexpr int64_t kWidth = 16 * kVectors<RB>;
+  for (int64_t c = 0; c < width; c += kWidth) {
+    const int64_t cols = std::min(kWidth, width - c);
+    if constexpr (BITS == 4) {
+      if (a.xpairs != nullptr) {
+        if (cols == kWidth) {
+          qstrip_dot<Asym, RB, true>(a, j0 + c, cols, gacc + c, total + c, width);
+        } else {
+          qstrip_dot<Asym, RB, false>(a, j0 + c, cols, gacc + c, total + c, width);
+        }
+        continue;
+      }
+    }
+    if (cols == kWidth) {
+      qstrip<BITS, Asym, RB, true>(a, j0 + c, cols, gacc + c, total + c, width);
+    } else {
+      qstrip<BITS, Asym, RB, false>(a, j0 + c, cols, gacc + c, total + c, width);
+    }
+  }
+}
+
 // k-block after k-block (never crossing a group), every group of rows takes the block's strips.
 template <int BITS, bool Asym>
 void walk_blocks(const QuantizedMatrix& w, int64_t rows, int64_t j0, int64_t width, const float* x, int64_t ldx,
-                 const float* xsum, float* gacc, float* total) {
+                 const float* xsum, const uint32_t* xpairs, float* gacc, float* total) {
   const int64_t groups = w.k / w.group_size;
-  BlockArgs a{&w, 0, 0, 0, false, false, false, nullptr, ldx, nullptr, groups};
+  BlockArgs a{&w, 0, 0, 0, false, false, false, nullptr, ldx, nullptr, groups, nullptr, w.k / 2};
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t g_end = (g + 1) * w.group_size;
     for (int64_t p0 = g * w.group_size; p0 < g_end; p0 += kBlockRows<BITS>) {
@@ -416,6 +497,7 @@ void walk_blocks(const QuantizedMatrix& w, int64_t rows, int64_t j0, int64_t wid
       for (int64_t r0 = 0; r0 < rows; r0 += kMaxGroupRows) {
         a.x = x + r0 * ldx;
         a.xsum = Asym ? xsum + r0 * groups : nullptr;
+        a.xpairs = xpairs != nullptr ? xpairs + r0 * a.ld_pairs : nullptr;
         with_group_rows(static_cast<int>(std::min<int64_t>(kMaxGroupRows, rows - r0)), [&](auto rb) {
           block_strips<BITS, Asym, decltype(rb)::value>(a, j0, width, gacc + r0 * width, total + r0 * width);
         });
@@ -439,7 +521,17 @@ void quantized_skinny_mm_avx512(const QuantizedMatrix& w, int64_t rows, int64_t 
   } else if (rows == 2 && row_walk_preferred()) {
     walk_rows<T, BITS, Asym, 2>(w, j0, width, x, ldx, xsum.data(), gacc, total);
   } else {
-    walk_blocks<BITS, Asym>(w, rows, j0, width, x, ldx, xsum.data(), gacc, total);
+    // bfloat16 x (exact in the float32 x here) as the pairs of the 4-bit dot-product strips
+    thread_local std::vector<uint32_t> pairs;
+    bool dot = false;
+    if constexpr (BITS == 4 && std::is_same_v<T, c10::BFloat16>) dot = bf16_dot_walk_available();
+    if (dot) {
+      pairs.resize(static_cast<size_t>(rows * (w.k / 2)));
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t i = 0; i < w.k / 2; ++i) pairs[r * (w.k / 2) + i] = bf16_pair(x[r * ldx + 2 * i], x[r * ldx + 2 * i + 1]);
+      }
+    }
+    walk_blocks<BITS, Asym>(w, rows, j0, width, x, ldx, xsum.data(), dot ? pairs.data() : nullptr, gacc, total);
   }
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t c = 0; c < width; ++c) out[r * ldo + j0 + c] = static_cast<T>(total[r * width + c]);
@@ -550,6 +642,14 @@ TORCHMOE_QGEMM_AVX512 void dequantize_block_avx512(const QuantizedMatrix& w, int
 #endif
 
 }  // namespace
+
+bool q4_bf16_dot_available() {
+#if TORCHMOE_HAVE_QGEMM_AVX512
+  return skinny_avx512_available() && bf16_dot_walk_available();
+#else
+  return false;
+#endif
+}
 
 template <typename T>
 void quantized_skinny_mm(const QuantizedMatrix& w, int64_t rows, int64_t j0, int64_t j1, const float* x, int64_t ldx,

@@ -34,6 +34,10 @@ template <typename T>
 void quantized_skinny_mm(const QuantizedMatrix& w, int64_t rows, int64_t j0, int64_t j1, const float* x, int64_t ldx,
                          T* out, int64_t ldo);
 
+// Whether 4-bit codes with bfloat16 activations take quantized_skinny_mm's vdpbf16ps loops (AVX-512 BF16 and VBMI,
+// and the AVX-512 kernels on): two codes per instruction, the same bits as the multiply-adds elsewhere.
+bool q4_bf16_dot_available();
+
 // dst[p - p0, j - j0] = w[p, j] for p0 <= p < p1, j0 <= j < j1 (dst row stride ldd), computed in float32 as
 // scale * (q - zero), then converted to T (float, double, c10::BFloat16, c10::Half). p0 and p1 are even for 4 bits.
 template <typename T>
