@@ -257,6 +257,28 @@ print("ok")
     assert run_python(code, **env).strip() == "ok"
 
 
+def test_bfloat16_dot_product_strips_equal_the_float32_strips():
+    # bfloat16 experts of 3 to 16 rows take w's rows in pairs, one vdpbf16ps per row of x (CPUs with AVX-512 BF16;
+    # elsewhere the multiply-adds); float32 x and w take the multiply-add strips: the same sums, so the bfloat16
+    # result is the float32 one rounded. Odd d_in leaves a last row alone; 771 and 5 columns leave tails of the
+    # strips; strided rows; 1 and 2 threads. Without AMX, which takes 10 to 128 bfloat16 rows where present.
+    code = """
+import torch, torchmoe
+g = torch.Generator().manual_seed(0)
+for d_in, d_out in [(256, 200), (33, 771), (64, 64), (17, 5), (2048, 96)]:
+    for counts in ([3, 0, 5, 8, 16], [12, 1, 2, 7, 9], [4, 4, 4, 4, 4]):
+        c = torch.tensor(counts)
+        w = torch.randn(5, d_in, d_out + 3, generator=g).bfloat16()[:, :, 2:2 + d_out]
+        x = torch.randn(int(c.sum()), d_in, generator=g).bfloat16()
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            got = torchmoe.grouped_mm(x, w, c)
+            assert torch.equal(got, torchmoe.grouped_mm(x.float(), w.float(), c).bfloat16()), (d_in, d_out, counts)
+print("ok")
+"""
+    assert run_python(code, TORCHMOE_DISABLE_AMX="1").strip() == "ok"
+
+
 def test_skinny_row_walk_equals_the_strips(tmp_path):
     # TORCHMOE_SKINNY_ROW_WALK=1 / 0 forces the row walk of experts with one or two rows (the default on AMD) or
     # the strips (elsewhere): the same multiply-adds in the same order, so the same bits, on either CPU.

@@ -1,6 +1,8 @@
 // skinny_mm: w is read in k-blocks of kBlockRows rows; each block is walked in column strips (16 * kVectors<RB>
 // columns), row after row, by every group of at most 8 rows while it is in cache. A strip's accumulators (RB
-// rows x kVectors<RB> vectors) stay in registers within a block and in a float32 buffer between blocks.
+// rows x kVectors<RB> vectors) stay in registers within a block and in a float32 buffer between blocks. bfloat16
+// x and w on a CPU with AVX-512 BF16 take w's rows two at a time, one vdpbf16ps per row of x (strip_dot: the same
+// bits as the multiply-adds).
 // skinny_mm_transposed: w's rows are contiguous along the reduction; groups of kDotGroupRows rows are read
 // piece by piece (kDotRows<RB> rows at a time against every row of g, vector accumulators reduced at the end).
 // Both keep about 16 sequential streams per thread, which the hardware prefetcher follows.
@@ -11,6 +13,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -187,6 +190,103 @@ void block_strips(int64_t kb, int64_t width, const float* x, int64_t ldx, const 
   }
 }
 
+// strip for bfloat16 w and x on a CPU with AVX-512 BF16: the rows p and p + 1 of w interleaved into dword pairs (one
+// word permute per 16 columns), then one vdpbf16ps per row of x against the pair (x[p], x[p + 1]) in place of two
+// multiply-adds. vdpbf16ps adds the row-p product, then the row-(p + 1) one, each rounded once, and products of
+// bfloat16 values are exact: the multiply-adds of strip in its order, so the same bits (subnormal inputs aside,
+// which it reads as zero). An odd last row of the block takes strip's multiply-add. xpairs: row r's pair i at
+// xpairs[r * ld_pairs + i], from the block's first row (an even row of x).
+#define TORCHMOE_SKINNY_DOT __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,fma")))
+
+bool bf16_dot_available() {
+  static const bool available = __builtin_cpu_supports("avx512bf16");
+  return available;
+}
+
+template <int RB, bool Full>
+TORCHMOE_SKINNY_DOT void strip_dot(int64_t kb, const float* x, int64_t ldx, const uint32_t* xpairs, int64_t ld_pairs,
+                                   const c10::BFloat16* w, int64_t ldw, int64_t cols, float* acc_io, int64_t ld_acc,
+                                   bool first) {
+  constexpr int NV = kVectors<RB>;
+  constexpr int NU = NV / 2;  // 32-column loads per row
+  if constexpr (Full) cols = 16 * NV;
+  constexpr int kLines = static_cast<int>((16 * NV * sizeof(c10::BFloat16) + 63) / 64);
+  // word 2i of a pair vector: column i of row p + 1 (the first source), word 2i + 1: of row p (the second)
+  alignas(64) static constexpr uint16_t kLowColumns[32] = {0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,
+                                                            37, 6,  38, 7,  39, 8,  40, 9,  41, 10, 42,
+                                                            11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  const __m512i low_columns = _mm512_load_si512(kLowColumns);
+  const __m512i high_columns = _mm512_add_epi16(low_columns, _mm512_set1_epi16(16));
+  __mmask16 masks[NV];
+  for (int v = 0; v < NV; ++v) masks[v] = lane_mask(cols - 16 * v);
+  __mmask32 row_masks[NU];
+  for (int u = 0; u < NU; ++u) row_masks[u] = lane_mask32(cols - 32 * u);
+  __m512 acc[RB][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < RB; ++r) {
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) {
+      acc[r][v] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(masks[v], acc_io + r * ld_acc + 16 * v);
+    }
+  }
+  int64_t p = 0;
+  for (; p + 1 < kb; p += 2) {
+    const c10::BFloat16* row0 = w + p * ldw;
+    const c10::BFloat16* row1 = row0 + ldw;
+    const char* ahead0 = reinterpret_cast<const char*>(row0 + kBlockRows * ldw);  // as in strip
+    const char* ahead1 = reinterpret_cast<const char*>(row1 + kBlockRows * ldw);
+#pragma GCC unroll 16
+    for (int l = 0; l < kLines; ++l) {
+      _mm_prefetch(ahead0 + 64 * l, _MM_HINT_T0);
+      _mm_prefetch(ahead1 + 64 * l, _MM_HINT_T0);
+    }
+#pragma GCC unroll 8
+    for (int u = 0; u < NU; ++u) {
+      const __m512i a = Full ? _mm512_loadu_si512(row0 + 32 * u) : _mm512_maskz_loadu_epi16(row_masks[u], row0 + 32 * u);
+      const __m512i b = Full ? _mm512_loadu_si512(row1 + 32 * u) : _mm512_maskz_loadu_epi16(row_masks[u], row1 + 32 * u);
+      const __m512bh low = (__m512bh)_mm512_permutex2var_epi16(b, low_columns, a);
+      const __m512bh high = (__m512bh)_mm512_permutex2var_epi16(b, high_columns, a);
+#pragma GCC unroll 8
+      for (int r = 0; r < RB; ++r) {
+        const __m512bh xpair = (__m512bh)_mm512_set1_epi32(static_cast<int>(xpairs[r * ld_pairs + p / 2]));
+        acc[r][2 * u] = _mm512_dpbf16_ps(acc[r][2 * u], low, xpair);
+        acc[r][2 * u + 1] = _mm512_dpbf16_ps(acc[r][2 * u + 1], high, xpair);
+      }
+    }
+  }
+  if (p < kb) {
+    const c10::BFloat16* wr = w + p * ldw;
+    __m512 wv[NV];
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) wv[v] = load16(wr + 16 * v, masks[v]);
+#pragma GCC unroll 8
+    for (int r = 0; r < RB; ++r) {
+      const __m512 xv = _mm512_set1_ps(x[r * ldx + p]);
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(xv, wv[v], acc[r][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < RB; ++r) {
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) _mm512_mask_storeu_ps(acc_io + r * ld_acc + 16 * v, masks[v], acc[r][v]);
+  }
+}
+
+template <int RB>
+void block_strips_dot(int64_t kb, int64_t width, const float* x, int64_t ldx, const uint32_t* xpairs,
+                      int64_t ld_pairs, const c10::BFloat16* w, int64_t ldw, float* acc, bool first) {
+  constexpr int64_t kWidth = 16 * kVectors<RB>;
+  for (int64_t j = 0; j < width; j += kWidth) {
+    const int64_t cols = std::min(kWidth, width - j);
+    if (cols == kWidth) {
+      strip_dot<RB, true>(kb, x, ldx, xpairs, ld_pairs, w + j, ldw, cols, acc + j, width, first);
+    } else {
+      strip_dot<RB, false>(kb, x, ldx, xpairs, ld_pairs, w + j, ldw, cols, acc + j, width, first);
+    }
+  }
+}
+
 // acc[0:RB, 0:width] = x[0:RB, 0:k] @ w[0:k, 0:width], w walked row after row: one sequential stream per thread
 // (per page where the columns are a part of each row), the sums in an L1 buffer. The same fused multiply-adds in
 // the same order as the strips (each element one sum along p), so the same bits.
@@ -228,9 +328,37 @@ void skinny_mm_avx512(int64_t rows, int64_t k, int64_t j0, int64_t j1, const flo
       row_walk<T, 2>(k, width, x, ldx, w + j0, ldw, acc);
     }
   } else {
+    // bfloat16 x (exact in the float32 x here) as the pairs of the dot-product strips
+    bool dot = false;
+    if constexpr (std::is_same_v<T, c10::BFloat16>) dot = bf16_dot_available();
+    thread_local std::vector<uint32_t> pairs;
+    const int64_t ld_pairs = (k + 1) / 2;
+    if (dot) {
+      pairs.resize(static_cast<size_t>(rows * ld_pairs));
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t i = 0; i < ld_pairs; ++i) {
+          const float even = x[r * ldx + 2 * i];
+          const float odd = 2 * i + 1 < k ? x[r * ldx + 2 * i + 1] : 0.0f;
+          uint32_t hi, lo;
+          std::memcpy(&hi, &even, sizeof(hi));
+          std::memcpy(&lo, &odd, sizeof(lo));
+          pairs[r * ld_pairs + i] = (hi & 0xFFFF0000u) | (lo >> 16);  // word 1: x[2i], word 0: x[2i + 1]
+        }
+      }
+    }
     for (int64_t p0 = 0; p0 < k; p0 += kBlockRows) {
       const int64_t kb = std::min(kBlockRows, k - p0);
       for (int64_t r0 = 0; r0 < rows; r0 += kMaxGroupRows) {
+        if constexpr (std::is_same_v<T, c10::BFloat16>) {
+          if (dot) {
+            with_group_rows(static_cast<int>(std::min<int64_t>(kMaxGroupRows, rows - r0)), [&](auto rb) {
+              block_strips_dot<decltype(rb)::value>(kb, width, x + r0 * ldx + p0, ldx,
+                                                    pairs.data() + r0 * ld_pairs + p0 / 2, ld_pairs, w + p0 * ldw + j0,
+                                                    ldw, acc + r0 * width, p0 == 0);
+            });
+            continue;
+          }
+        }
         with_group_rows(static_cast<int>(std::min<int64_t>(kMaxGroupRows, rows - r0)), [&](auto rb) {
           block_strips<T, decltype(rb)::value>(kb, width, x + r0 * ldx + p0, ldx, w + p0 * ldw + j0, ldw,
                                                acc + r0 * width, p0 == 0);
