@@ -103,6 +103,44 @@ def test_empty_batch():
     assert y.shape == (0, 16) and layer.expert_counts.tolist() == [0, 0, 0, 0]
 
 
+def test_dropped_tokens_follow_every_step():
+    # A one-op step leaves a zero; a capacity step in between leaves its own count, never a stale one.
+    torch.manual_seed(0)
+    layer = MoE(16, 32, 4, k=2, capacity_factor=None).eval()
+    x = torch.randn(24, 16)
+    with torch.no_grad():
+        layer(x)
+        first = layer.dropped_tokens
+        assert first.dtype == torch.long and first.shape == () and int(first) == 0
+        assert layer.dropped_tokens is first  # the same tensor on every read
+        layer.capacity_factor = 0.25
+        layer(x)
+        assert int(layer.dropped_tokens) > 0
+        layer.capacity_factor = None
+        layer(x)
+        assert int(layer.dropped_tokens) == 0
+    scripted = torch.jit.script(layer)  # after a one-op step, the attribute TorchScript types is there
+    assert int(scripted.dropped_tokens) == 0
+
+
+def test_parametrized_expert_weight_is_used():
+    # torch.nn.utils.parametrize moves the weight out of the parameters: the one-op step reads the property.
+    from torch.nn.utils import parametrize
+
+    class Doubled(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    torch.manual_seed(0)
+    layer = MoE(32, 64, 4, k=2, capacity_factor=None).eval()
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        plain = layer(x)
+        parametrize.register_parametrization(layer, "up_proj", Doubled())
+        assert_same_step(layer, x)
+        assert not torch.equal(layer(x), plain)
+
+
 def test_taken_only_where_nothing_needs_the_op_by_op_path(monkeypatch):
     torch.manual_seed(0)
     counter = CountFused(monkeypatch)

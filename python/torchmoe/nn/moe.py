@@ -32,6 +32,18 @@ def _router_hooked(router: nn.Module) -> bool:
                 or hooks._global_forward_pre_hooks)
 
 
+def _registered(module: nn.Module, name: str):
+    """``getattr(module, name)`` for a parameter, buffer or submodule, read from nn.Module's dicts: plain lookup
+    misses those, so each read goes through ``__getattr__`` (about a microsecond through MoE's and nn.Module's),
+    and a decode step reads up to a dozen."""
+    state = module.__dict__
+    for store in ("_parameters", "_buffers", "_modules"):
+        registry = state[store]
+        if name in registry:
+            return registry[name]
+    return getattr(module, name)
+
+
 def _computes_experts_with(module: nn.Module, owner: type) -> bool:
     """Whether ``module`` computes its experts with ``owner._experts_grouped``: not a subclass's override nor a
     patch on the instance (which the one-op inference path, computing the experts itself, would bypass)."""
@@ -284,11 +296,13 @@ class MoE(nn.Module):
     @torch.jit.unused
     def __prepare_scriptable__(self):
         self.aux_loss  # a deferred aux loss becomes the attribute TorchScript types
+        self.dropped_tokens  # as does a dropless forward's zero
         return self
 
     @torch.jit.unused
     def __getattr__(self, name: str):
-        # Only reached when normal lookup misses: `aux_loss` after a deferred forward (see forward).
+        # Only reached when normal lookup misses: `aux_loss` after a deferred forward, `dropped_tokens` after a
+        # one-op forward (see _forward_fused).
         if name == "aux_loss":
             pending = self.__dict__.pop("_pending_aux_loss", None)
             if pending is not None:
@@ -298,6 +312,11 @@ class MoE(nn.Module):
                                             self.z_loss_weight, load_loss, counts)
                 self.__dict__["aux_loss"] = value
                 return value
+        elif name == "dropped_tokens" and "expert_counts" in self.__dict__:
+            # after a one-op forward, which drops nothing (a 0-d tensor costs 2 us a step to make unread)
+            value = torch.zeros((), dtype=torch.long, device=self.__dict__["expert_counts"].device)
+            self.__dict__["dropped_tokens"] = value
+            return value
         return nn.Module.__getattr__(self, name)
 
     def _load_loss(self) -> Optional[Tensor]:
@@ -318,7 +337,8 @@ class MoE(nn.Module):
         # None where a subclass (or a patch on this instance) computes its experts otherwise.
         if not _computes_experts_with(self, MoE):
             return None
-        return self.gate_proj, self.up_proj, self.down_proj, 0, [], [], []
+        gate_proj, up_proj, down_proj = (_registered(self, name) for name in ("gate_proj", "up_proj", "down_proj"))
+        return gate_proj, up_proj, down_proj, 0, [], [], []
 
     @torch.jit.unused
     def _forward_fused(self, x: Tensor, h: Tensor) -> Optional[Tensor]:
@@ -329,7 +349,7 @@ class MoE(nn.Module):
         if (self.capacity_factor is not None or torch.is_grad_enabled() or h.device.type != "cpu"
                 or torch.compiler.is_compiling() or torch.jit.is_tracing()):
             return None
-        router = self.router
+        router = _registered(self, "router")
         if type(router) is not TopkRouter or _router_hooked(router):
             return None
         experts = self._fused_experts()
@@ -337,15 +357,16 @@ class MoE(nn.Module):
             return None
         gate_proj, up_proj, down_proj, bits, scales, zeros, group_sizes = experts
         y, weights, indices, logits, counts = torch.ops.torchmoe._moe_forward(
-            h, router.weight, router._bias(), router.k, router.score_func, router.renormalize,
+            h, _registered(router, "weight"), router._bias(), router.k, router.score_func, router.renormalize,
             router.num_expert_groups, router.topk_expert_groups, router.scale, self.activation, gate_proj, up_proj,
             down_proj, bits, scales, zeros, group_sizes)
-        if self.shared_expert is not None:
-            y = y + self.shared_expert(h)
+        shared_expert = _registered(self, "shared_expert")
+        if shared_expert is not None:
+            y = y + shared_expert(h)
         self._defer_aux_loss_to_first_read(logits, indices, counts)
         state = self.__dict__  # as there: plain attributes, without nn.Module.__setattr__
         state["expert_counts"] = counts
-        state["dropped_tokens"] = torch.zeros((), dtype=torch.long, device=x.device)
+        state.pop("dropped_tokens", None)  # dropless: a zero, made when read (see __getattr__)
         return y if x.dim() == 2 else y.view(x.shape)  # (a view costs a few us at a decode step)
 
     def forward(self, x: Tensor) -> Tensor:

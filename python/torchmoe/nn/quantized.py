@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..quantization import QuantizedWeight, dequantize_weight, quantize_weight
-from .moe import MoE, SwitchMoE, _computes_experts_with
+from .moe import MoE, SwitchMoE, _computes_experts_with, _registered
 
 __all__ = ["quantize_experts", "QuantizedMoE", "QuantizedSwitchMoE"]
 
@@ -61,9 +61,9 @@ class _QuantizedExperts:
     def _fused_experts(self):
         if not _computes_experts_with(self, _QuantizedExperts):
             return None
-        return (self.gate_proj_qweight, self.up_proj_qweight, self.down_proj_qweight, self.bits,
-                [self.gate_proj_scales, self.up_proj_scales, self.down_proj_scales],
-                [self.gate_proj_zeros, self.up_proj_zeros, self.down_proj_zeros],
+        qweights, scales, zeros = ([_registered(self, name + part) for name in _EXPERT_WEIGHTS]
+                                   for part in ("_qweight", "_scales", "_zeros"))
+        return (qweights[0], qweights[1], qweights[2], self.bits, scales, zeros,
                 [self.gate_proj_group_size, self.up_proj_group_size, self.down_proj_group_size])
 
     def _experts_batched(self, buf: Tensor) -> Tensor:
