@@ -279,6 +279,7 @@ TORCHMOE_QGEMM_AVX512 void qrow_walk_group(const QuantizedMatrix& w, int64_t g, 
   const int64_t full = width / 16 * 16;
   const __mmask16 tail = lane_mask(width - full);
   for (int64_t i = 0; i < RB * width; ++i) gacc[i] = 0.0f;
+  const int64_t ahead = walk_prefetch_distance(width, w.n);
   for (int64_t pp = g * w.group_size / kCodesPerByte; pp < (g + 1) * w.group_size / kCodesPerByte; ++pp) {
     const uint8_t* qr = w.q + pp * w.n + j0;
     __m512 xv[RB][2];
@@ -288,7 +289,10 @@ TORCHMOE_QGEMM_AVX512 void qrow_walk_group(const QuantizedMatrix& w, int64_t g, 
       xv[r][1] = _mm512_set1_ps(x[r * ldx + pp * kCodesPerByte + kCodesPerByte - 1]);
     }
     int64_t j = 0;
-    for (; j < full; j += 16) qrow_walk_vector<BITS, Asym, RB, true>(qr + j, xv, table, 0xFFFF, gacc + j, width);
+    for (; j < full; j += 16) {
+      if (j % 64 == 0) prefetch_ahead(qr + j, ahead);
+      qrow_walk_vector<BITS, Asym, RB, true>(qr + j, xv, table, 0xFFFF, gacc + j, width);
+    }
     if (tail) qrow_walk_vector<BITS, Asym, RB, false>(qr + j, xv, table, tail, gacc + j, width);
   }
   finish_group<Asym, RB>(w, g, j0, width, xsum, groups, gacc, total);
@@ -375,6 +379,7 @@ TORCHMOE_QGEMM_DOT void q4_dot_walk_group(const QuantizedMatrix& w, int64_t g, i
   const __m512i table = bf16_code_table<Asym>();
   const __m512i selector[4] = {code_selector(0), code_selector(1), code_selector(2), code_selector(3)};
   for (int64_t i = 0; i < RB * width; ++i) gacc[i] = 0.0f;
+  const int64_t ahead = walk_prefetch_distance(width, w.n);
   for (int64_t pp = g * w.group_size / 2; pp < (g + 1) * w.group_size / 2; ++pp) {
     const uint8_t* qr = w.q + pp * w.n + j0;
     __m512bh xpair[RB];
@@ -384,6 +389,7 @@ TORCHMOE_QGEMM_DOT void q4_dot_walk_group(const QuantizedMatrix& w, int64_t g, i
     }
     const int64_t full = width / 64 * 64;
     for (int64_t j = 0; j < full; j += 64) {
+      prefetch_ahead(qr + j, ahead);
       q4_dot_columns<RB, true>(_mm512_loadu_si512(qr + j), selector, table, xpair, 64, gacc + j, width);
     }
     if (full < width) {

@@ -294,12 +294,15 @@ template <typename T, int RB>
 TORCHMOE_SKINNY_AVX512 void row_walk(int64_t k, int64_t width, const float* x, int64_t ldx, const T* w, int64_t ldw,
                                      float* acc) {
   for (int64_t i = 0; i < RB * width; ++i) acc[i] = 0.0f;
+  const int64_t ahead = walk_prefetch_distance(width * int64_t{sizeof(T)}, ldw * int64_t{sizeof(T)});
+  constexpr int64_t kLineElements = 64 / sizeof(T);
   for (int64_t p = 0; p < k; ++p) {
     const T* wr = w + p * ldw;
     __m512 xv[RB];
 #pragma GCC unroll 2
     for (int r = 0; r < RB; ++r) xv[r] = _mm512_set1_ps(x[r * ldx + p]);
     for (int64_t j = 0; j < width; j += 16) {
+      if (j % kLineElements == 0) prefetch_ahead(wr + j, ahead);
       const __mmask16 m = lane_mask(width - j);
       const __m512 wv = load16(wr + j, m);
 #pragma GCC unroll 2
