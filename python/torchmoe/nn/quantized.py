@@ -63,7 +63,7 @@ class _QuantizedExperts:
             return None
         qweights, scales, zeros = ([_registered(self, name + part) for name in _EXPERT_WEIGHTS]
                                    for part in ("_qweight", "_scales", "_zeros"))
-        return (qweights[0], qweights[1], qweights[2], self.bits, scales, zeros,
+        return (*qweights, self.bits, scales, zeros,
                 [self.gate_proj_group_size, self.up_proj_group_size, self.down_proj_group_size])
 
     def _experts_batched(self, buf: Tensor) -> Tensor:
