@@ -85,15 +85,18 @@ std::vector<Task> row_tasks(const std::vector<int64_t>& offsets, int64_t block, 
   return tasks;
 }
 
-// Runs first(i) for i < num_first and second(i) for i < num_second as one task list (see run_tasks). A decode
+// Runs first(i) for i < num_first and second(i) for i < num_second as one task list (see run_tasks; first_calls_aten:
+// whether first calls ATen ops, the skinny second never does). A decode
 // step's skinny products run on the same OpenMP team as the ops around them: its threads are still spinning
 // from the previous op, and a thread pool of our own would compete with them for the cores (measured: half the
 // read bandwidth on 2 cores).
 template <typename First, typename Second>
-void run_two(int64_t num_first, const First& first, int64_t num_second, const Second& second) {
+void run_two(int64_t num_first, const First& first, int64_t num_second, const Second& second,
+             bool first_calls_aten) {
   std::vector<int64_t> ids(num_first + num_second);
   for (int64_t i = 0; i < num_first + num_second; ++i) ids[i] = i;
-  run_tasks(ids, [&](int64_t i) { i < num_first ? first(i) : second(i - num_first); });
+  run_tasks(ids, [&](int64_t i) { i < num_first ? first(i) : second(i - num_first); },
+            first_calls_aten && num_first > 0);
 }
 
 // Skinny (or AMX) experts' products, cut along their output columns (forward: of out, backward: of grad_x).
@@ -207,7 +210,7 @@ void run_gemms(const std::vector<ExpertGemm>& gemms, int64_t num_skinny, const S
     const ExpertGemm& g = *blk.gemm;
     cpu::sgemm(blk.m, blk.n, g.k, g.a + blk.m0 * g.a_rs, g.a_rs, g.a_cs, g.b + blk.n0 * g.b_cs, g.b_rs, g.b_cs,
                g.c + blk.m0 * g.ldc + blk.n0, g.ldc, /*accumulate=*/false);
-  }, num_skinny, skinny);
+  }, num_skinny, skinny, /*first_calls_aten=*/false);
 }
 
 bool use_fast_sgemm(const at::Tensor& x) {
@@ -287,7 +290,7 @@ at::Tensor grouped_mm_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, c
     const Task& t = tasks[i];
     auto dst = out.narrow(0, t.begin, t.length);
     at::mm_out(dst, x.narrow(0, t.begin, t.length), weight.select(0, t.expert));
-  }, num_skinny, run_skinny);
+  }, num_skinny, run_skinny, /*first_calls_aten=*/true);
   return out;
 }
 
@@ -349,7 +352,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cpu(const at::Tensor& gra
       auto dst = grad_weight.select(0, t.expert).narrow(0, t.begin, t.length);
       at::mm_out(dst, x.narrow(0, row0, rows).narrow(1, t.begin, t.length).t(), grad_output.narrow(0, row0, rows));
     }
-  }, num_skinny, run_skinny);
+  }, num_skinny, run_skinny, /*first_calls_aten=*/true);
   return {grad_x, grad_weight};
 }
 

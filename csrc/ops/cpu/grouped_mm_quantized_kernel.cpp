@@ -11,6 +11,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
 #include <vector>
 
@@ -224,13 +225,14 @@ at::Tensor grouped_mm_quantized_cpu(const at::Tensor& x_in, const at::Tensor& qw
   }
   add_skinny_blocks(skinny_experts, w.d_out, /*amx=*/false, blocks);
   add_skinny_blocks(amx_experts, w.d_out, /*amx=*/true, blocks);
+  const bool panels = std::any_of(blocks.begin(), blocks.end(), [](const Block& b) { return !b.skinny; });
   cpu::run_tasks(blocks, [&](const Block& b) {
     if (b.skinny) {
       TORCHMOE_QUANTIZED_CALL(x.scalar_type(), skinny_block_call, w, b, x, offsets, out);
     } else {
       TORCHMOE_QUANTIZED_CALL(x.scalar_type(), panel_block, w, b, x, offsets, out);
     }
-  });
+  }, /*calls_aten=*/panels);  // the panels' at::mm
   return out;
 }
 
@@ -252,7 +254,7 @@ at::Tensor grouped_mm_quantized_backward_cpu(const at::Tensor& grad_output_in, c
   }
   cpu::run_tasks(blocks, [&](const Block& b) {
     TORCHMOE_QUANTIZED_CALL(grad_output.scalar_type(), panel_block_backward, w, b, grad_output, offsets, grad_x);
-  });
+  }, /*calls_aten=*/true);
   return grad_x;
 }
 

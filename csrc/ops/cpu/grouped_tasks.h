@@ -50,18 +50,25 @@ inline int64_t skinny_block_width(int64_t width, int64_t num_experts, int64_t by
 
 // Runs fn(task) for every task on the ATen thread pool. Threads take tasks from a shared counter, so
 // uneven tasks (experts of different sizes, grad_x next to grad_weight blocks) still balance; which thread
-// runs a task never changes its result. Workers run with the caller's thread-local state, so the at::mm_out
-// calls inside behave as on the caller.
+// runs a task never changes its result. Where tasks call ATen ops (calls_aten: the at::mm_out of many-row
+// experts), workers run with the caller's thread-local state, so those calls behave as on the caller; the
+// skinny kernels and torchmoe's GEMM call none, and skip that state's capture and restore (2-3 us a call, which
+// a decode step's products notice).
 template <typename T, typename Fn>
-void run_tasks(const std::vector<T>& tasks, const Fn& fn) {
+void run_tasks(const std::vector<T>& tasks, const Fn& fn, bool calls_aten) {
   const int64_t num_tasks = static_cast<int64_t>(tasks.size());
   const int64_t workers = std::min<int64_t>(num_tasks, at::get_num_threads());
   std::atomic<int64_t> next{0};
-  parallel_for_as_caller(0, workers, 1, [&](int64_t begin, int64_t end) {
+  auto work = [&](int64_t begin, int64_t end) {
     for (int64_t w = begin; w < end; ++w) {
       for (int64_t t = next.fetch_add(1); t < num_tasks; t = next.fetch_add(1)) fn(tasks[t]);
     }
-  });
+  };
+  if (calls_aten) {
+    parallel_for_as_caller(0, workers, 1, work);
+  } else if (workers > 0) {
+    at::parallel_for(0, workers, 1, work);
+  }
 }
 
 }  // namespace torchmoe::cpu

@@ -256,8 +256,9 @@ std::tuple<at::Tensor, at::Tensor> route_plan_cpu(const at::Tensor& indices, int
                                                   const std::optional<at::Tensor>& priority) {
   checks::check_route_plan_args(indices, num_experts, capacity, priority);
   const bool grouped = indices.dim() == 3;
-  const at::Tensor idx = grouped ? indices.contiguous() : indices.unsqueeze(0).contiguous();
-  Shape s{idx.size(0), idx.size(1), idx.size(2), num_experts, 0};
+  // [T, k] is read as [1, T, k] (the same memory; an unsqueeze would cost a dispatcher call at a decode step)
+  const auto idx = indices.expect_contiguous();
+  Shape s{grouped ? idx->size(0) : 1, idx->size(grouped ? 1 : 0), idx->size(grouped ? 2 : 1), num_experts, 0};
   if (capacity >= 0) {
     checks::check_route_plan_capacity_fits(num_experts, s.G, capacity);
   }
@@ -280,8 +281,8 @@ std::tuple<at::Tensor, at::Tensor> route_plan_cpu(const at::Tensor& indices, int
 
   int64_t* d = dest.data_ptr<int64_t>();
   int64_t* n = counts.data_ptr<int64_t>();
-  AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "route_plan_cpu", [&] {
-    const index_t* ip = idx.const_data_ptr<index_t>();
+  AT_DISPATCH_INDEX_TYPES(idx->scalar_type(), "route_plan_cpu", [&] {
+    const index_t* ip = idx->const_data_ptr<index_t>();
     const int64_t* op = order.defined() ? order.const_data_ptr<int64_t>() : nullptr;
     const bool dropless = capacity < 0;
     if (op != nullptr) {

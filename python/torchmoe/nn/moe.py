@@ -337,8 +337,8 @@ class MoE(nn.Module):
         # None where a subclass (or a patch on this instance) computes its experts otherwise.
         if not _computes_experts_with(self, MoE):
             return None
-        gate_proj, up_proj, down_proj = (_registered(self, name) for name in ("gate_proj", "up_proj", "down_proj"))
-        return gate_proj, up_proj, down_proj, 0, [], [], []
+        return (_registered(self, "gate_proj"), _registered(self, "up_proj"), _registered(self, "down_proj"), 0, [],
+                [], [])
 
     @torch.jit.unused
     def _forward_fused(self, x: Tensor, h: Tensor) -> Optional[Tensor]:
@@ -346,7 +346,7 @@ class MoE(nn.Module):
         # torchmoe::_moe_forward (the same ops in the same order, composed in C++), which saves a decode step
         # the dozen crossings from Python into the library. Training, autograd, capacity mode, torch.compile,
         # export and tracing keep the op-by-op path (the op decomposes into it anyway): None there.
-        if (self.capacity_factor is not None or torch.is_grad_enabled() or h.device.type != "cpu"
+        if (self.capacity_factor is not None or torch.is_grad_enabled() or not h.is_cpu
                 or torch.compiler.is_compiling() or torch.jit.is_tracing()):
             return None
         router = _registered(self, "router")
@@ -377,7 +377,7 @@ class MoE(nn.Module):
                              + ", got shape " + str(list(x.shape)))
         if self.impl == "reference":
             return self._forward_reference(x)
-        h = x.reshape(-1, self.d_model)
+        h = x if x.dim() == 2 else x.reshape(-1, self.d_model)  # (a reshape costs about a us at a decode step)
         if not torch.jit.is_scripting():
             y = self._forward_fused(x, h)
             if y is not None:
