@@ -66,7 +66,7 @@ void run_tasks(const std::vector<T>& tasks, const Fn& fn, bool calls_aten) {
   };
   if (calls_aten) {
     parallel_for_as_caller(0, workers, 1, work);
-  } else if (workers > 0) {
+  } else {
     at::parallel_for(0, workers, 1, work);
   }
 }

@@ -258,7 +258,7 @@ std::tuple<at::Tensor, at::Tensor> route_plan_cpu(const at::Tensor& indices, int
   const bool grouped = indices.dim() == 3;
   // [T, k] is read as [1, T, k] (the same memory; an unsqueeze would cost a dispatcher call at a decode step)
   const auto idx = indices.expect_contiguous();
-  Shape s{grouped ? idx->size(0) : 1, idx->size(grouped ? 1 : 0), idx->size(grouped ? 2 : 1), num_experts, 0};
+  Shape s{grouped ? idx->size(0) : 1, idx->size(-2), idx->size(-1), num_experts, 0};
   if (capacity >= 0) {
     checks::check_route_plan_capacity_fits(num_experts, s.G, capacity);
   }

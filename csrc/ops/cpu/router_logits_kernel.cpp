@@ -21,6 +21,7 @@
 // whatever the task and whichever loop. A batch takes d in chunks whose x stays in L1 (the lanes' sums wait in a
 // buffer between chunks, which changes no bit).
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -40,7 +41,6 @@
 
 #include "ops/common/router_logits_checks.h"
 #include "ops/cpu/lane_mask.h"
-#include <ATen/Parallel.h>
 #include "ops/cpu/skinny_gemm.h"
 
 namespace torchmoe::cpu {
