@@ -280,8 +280,9 @@ print("ok")
 
 
 def test_skinny_row_walk_equals_the_strips(tmp_path):
-    # TORCHMOE_SKINNY_ROW_WALK=1 / 0 forces the row walk of experts with one or two rows (the default on AMD) or
-    # the strips (elsewhere): the same multiply-adds in the same order, so the same bits, on either CPU.
+    # TORCHMOE_SKINNY_ROW_WALK=1 / 0 forces the row walk of experts with one row (the default on AMD) or the
+    # strips (elsewhere; larger experts take the strips either way): the same multiply-adds in the same order, so
+    # the same bits, on either CPU.
     code = """
 import os, torch, torchmoe
 g = torch.Generator().manual_seed(0)

@@ -233,7 +233,7 @@ print("ok")
 
 
 def test_row_walk_equals_the_strips(tmp_path):
-    # TORCHMOE_SKINNY_ROW_WALK=1 / 0 forces the row walk of experts with one or two rows (the default on AMD; for
+    # TORCHMOE_SKINNY_ROW_WALK=1 / 0 forces the row walk of experts with one row (the default on AMD; for
     # 4 bits and bfloat16 activations on a CPU with AVX-512 BF16 and VBMI, its dot-product form) or the strips
     # (elsewhere): the same multiply-adds in the same order, so the same bits. Columns 771 and 200 leave tails of
     # the 16- and 64-column steps; two threads split an expert's columns.

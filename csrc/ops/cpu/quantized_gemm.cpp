@@ -3,7 +3,7 @@
 // most 8 rows while it is in cache. A strip's accumulators stay in registers within a block; between blocks they
 // wait in a float32 buffer (the group's running sum), and at a group's last block they are scaled into a second
 // buffer (the total). 4-bit codes become floats with one permute against a 16-entry table (the table already
-// holds code - 8 for the symmetric form). Where row_walk_preferred() (AMD), one or two rows walk the packed weight
+// holds code - 8 for the symmetric form). Where row_walk_preferred() (AMD), one row walks the packed weight
 // row after row instead (one sequential stream per thread), in the same order of multiply-adds, so with the same
 // bits. For 4 bits and bfloat16 activations, the walk and the strips take two codes at a time by vdpbf16ps where
 // the CPU has it (qstrip_dot: the same bits again).
@@ -163,12 +163,10 @@ TORCHMOE_QGEMM_INLINE void finish_strip(const BlockArgs& a, int64_t j, const __m
 // The strip's lines of the packed row one block ahead: a thread's reads are short runs of many rows, which the
 // hardware prefetcher alone leaves at about half the read bandwidth.
 template <int NV>
-TORCHMOE_QGEMM_INLINE void prefetch_strip(const uint8_t* packed_row, int64_t n) {
+TORCHMOE_QGEMM_INLINE void prefetch_strip(const uint8_t* packed_row, int64_t n, bool to_l2) {
   constexpr int kLines = (16 * NV + 63) / 64;
 #pragma GCC unroll 16
-  for (int l = 0; l < kLines; ++l) {
-    _mm_prefetch(reinterpret_cast<const char*>(packed_row + kPackedBlockRows * n) + 64 * l, _MM_HINT_T0);
-  }
+  for (int l = 0; l < kLines; ++l) prefetch_strip_line(packed_row + kPackedBlockRows * n + 64 * l, to_l2);
 }
 
 // For the strip's columns [j, j + cols) and rows r < RB: acc (+)= x[r, p0:p0+kb] @ codes[p0:p0+kb, cols]; at the
@@ -182,12 +180,13 @@ TORCHMOE_QGEMM_AVX512 void qstrip(const BlockArgs& a, int64_t j, int64_t cols, f
   const QuantizedMatrix& w = *a.w;
   __mmask16 masks[NV];
   for (int v = 0; v < NV; ++v) masks[v] = lane_mask(cols - 16 * v);
+  const bool to_l2 = strip_prefetch_to_l2();
   __m512 acc[RB][NV];
   start_strip<RB, NV>(a, masks, gacc, width, acc);
   if constexpr (BITS == 8) {
     for (int64_t p = a.p0; p < a.p0 + a.kb; ++p) {
       const int8_t* qr = reinterpret_cast<const int8_t*>(w.q) + p * w.n + j;
-      prefetch_strip<NV>(reinterpret_cast<const uint8_t*>(qr), w.n);
+      prefetch_strip<NV>(reinterpret_cast<const uint8_t*>(qr), w.n, to_l2);
 #pragma GCC unroll 16
       for (int v = 0; v < NV; ++v) {
         const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(masks[v], qr + 16 * v)));
@@ -199,7 +198,7 @@ TORCHMOE_QGEMM_AVX512 void qstrip(const BlockArgs& a, int64_t j, int64_t cols, f
     const __m512 table = code_table<Asym>();
     for (int64_t p = a.p0; p < a.p0 + a.kb; p += 2) {
       const uint8_t* qr = w.q + (p >> 1) * w.n + j;
-      prefetch_strip<NV>(qr, w.n);
+      prefetch_strip<NV>(qr, w.n, to_l2);
 #pragma GCC unroll 16
       for (int v = 0; v < NV; ++v) {
         const __m512i b = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(masks[v], qr + 16 * v));
@@ -236,7 +235,7 @@ TORCHMOE_QGEMM_AVX512 void finish_group(const QuantizedMatrix& w, int64_t g, int
   }
 }
 
-// The row walk (see row_walk_preferred): one or two rows take the weight packed row after packed row, columns
+// The row walk (see row_walk_preferred): one row takes the weight packed row after packed row, columns
 // [j0, j0 + width) each, so a thread reads one sequential stream, with the group's running sums (gacc) in L1. Every
 // sum sees the same multiply-adds in the same order as in qstrip, so the bits are the same.
 template <int BITS, bool Asym, int RB, bool Full>
@@ -401,7 +400,7 @@ TORCHMOE_QGEMM_DOT void q4_dot_walk_group(const QuantizedMatrix& w, int64_t g, i
   finish_group<Asym, RB>(w, g, j0, width, xsum, groups, gacc, total);
 }
 
-// One or two rows, group after group, on the row walk (the dot-product form where it applies).
+// One row, group after group, on the row walk (the dot-product form where it applies).
 template <typename T, int BITS, bool Asym, int RB>
 void walk_rows(const QuantizedMatrix& w, int64_t j0, int64_t width, const float* x, int64_t ldx, const float* xsum,
                float* gacc, float* total) {
@@ -438,11 +437,12 @@ TORCHMOE_QGEMM_DOT void qstrip_dot(const BlockArgs& a, int64_t j, int64_t cols, 
   const __m512i table = bf16_code_table<Asym>();
   __m512i selector[kSelectors];
   for (int v = 0; v < kSelectors; ++v) selector[v] = code_selector(v);
+  const bool to_l2 = strip_prefetch_to_l2();
   __m512 acc[RB][NV];
   start_strip<RB, NV>(a, masks, gacc, width, acc);
   for (int64_t pp = a.p0 >> 1; pp < (a.p0 + a.kb) >> 1; ++pp) {
     const uint8_t* qr = w.q + pp * w.n + j;
-    prefetch_strip<NV>(qr, w.n);
+    prefetch_strip<NV>(qr, w.n, to_l2);
 #pragma GCC unroll 4
     for (int l = 0; l < kLoads; ++l) {
       const __m512i bytes = Full && NV >= 4 ? _mm512_loadu_si512(qr + 64 * l) : _mm512_maskz_loadu_epi8(byte_masks[l], qr + 64 * l);
@@ -524,8 +524,6 @@ void quantized_skinny_mm_avx512(const QuantizedMatrix& w, int64_t rows, int64_t 
   float* total = total_buffer.data();
   if (rows == 1 && row_walk_preferred()) {
     walk_rows<T, BITS, Asym, 1>(w, j0, width, x, ldx, xsum.data(), gacc, total);
-  } else if (rows == 2 && row_walk_preferred()) {
-    walk_rows<T, BITS, Asym, 2>(w, j0, width, x, ldx, xsum.data(), gacc, total);
   } else {
     // bfloat16 x (exact in the float32 x here) as the pairs of the 4-bit dot-product strips
     thread_local std::vector<uint32_t> pairs;

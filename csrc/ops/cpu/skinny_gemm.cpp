@@ -27,23 +27,35 @@
 
 namespace torchmoe::cpu {
 
-// Whether one or two rows walk w row by row (row_walk) rather than in strips: on AMD Zen 4/5 a thread streams
-// from memory at about 0.6 of x.sum()'s rate through several streams at once (the strips' 16 rows, or two rows)
-// and at its full rate through one (measured 2026-12-06 on a 2-core EPYC: 11-12 against 16-20 GB/s for 1 x 2048 by
-// 2048 x 768 float32 from memory); Intel's prefetchers keep the strips at the read bandwidth.
+namespace {
+bool is_amd() {
+#if TORCHMOE_HAVE_SKINNY_AVX512
+  static const bool amd = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_is("amd") != 0;
+  }();
+  return amd;
+#else
+  return false;
+#endif
+}
+}  // namespace
+
+// Whether one row walks w row by row (row_walk) rather than in strips: on AMD Zen 4/5 a thread streamed from
+// memory at about 0.6 of x.sum()'s rate through the strips' 16 rows with L1 prefetches and at its full rate through
+// one stream (2026-12-06, 2-core EPYC: 11-12 against 16-20 GB/s for 1 x 2048 by 2048 x 768 float32 from memory).
+// With the strips' prefetches into L2 (strip_prefetch_to_l2) the two are within the noise for one row; two rows
+// walked are slower than their strips (the sums' loads and stores in L1 per 16 columns and row), so only one walks.
 bool row_walk_preferred() {
   static const bool preferred = [] {
     const char* env = std::getenv("TORCHMOE_SKINNY_ROW_WALK");
     if (env != nullptr && *env != '\0') return env[0] == '1';
-#if TORCHMOE_HAVE_SKINNY_AVX512
-    __builtin_cpu_init();
-    return __builtin_cpu_is("amd") != 0;
-#else
-    return false;
-#endif
+    return is_amd();
   }();
   return preferred;
 }
+
+bool strip_prefetch_to_l2() { return is_amd(); }
 
 namespace {
 
@@ -141,6 +153,7 @@ TORCHMOE_SKINNY_AVX512 void strip(int64_t kb, const float* x, int64_t ldx, const
   constexpr int NV = kVectors<RB>;
   if constexpr (Full) cols = 16 * NV;
   constexpr int kLines = static_cast<int>((16 * NV * sizeof(T) + 63) / 64);
+  const bool to_l2 = strip_prefetch_to_l2();
   __mmask16 masks[NV];
   for (int v = 0; v < NV; ++v) masks[v] = lane_mask(cols - 16 * v);
   __m512 acc[RB][NV];
@@ -157,7 +170,7 @@ TORCHMOE_SKINNY_AVX512 void strip(int64_t kb, const float* x, int64_t ldx, const
     // too short a stream for the hardware prefetcher alone
     const char* ahead = reinterpret_cast<const char*>(wr + kBlockRows * ldw);  // prefetches never fault
 #pragma GCC unroll 16
-    for (int l = 0; l < kLines; ++l) _mm_prefetch(ahead + 64 * l, _MM_HINT_T0);
+    for (int l = 0; l < kLines; ++l) prefetch_strip_line(ahead + 64 * l, to_l2);
     __m512 wv[NV];
 #pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) wv[v] = load16(wr + 16 * v, masks[v]);
@@ -211,6 +224,7 @@ TORCHMOE_SKINNY_DOT void strip_dot(int64_t kb, const float* x, int64_t ldx, cons
   constexpr int NU = NV / 2;  // 32-column loads per row
   if constexpr (Full) cols = 16 * NV;
   constexpr int kLines = static_cast<int>((16 * NV * sizeof(c10::BFloat16) + 63) / 64);
+  const bool to_l2 = strip_prefetch_to_l2();
   // word 2i of a pair vector: column i of row p + 1 (the first source), word 2i + 1: of row p (the second)
   alignas(64) static constexpr uint16_t kLowColumns[32] = {0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,
                                                             37, 6,  38, 7,  39, 8,  40, 9,  41, 10, 42,
@@ -237,8 +251,8 @@ TORCHMOE_SKINNY_DOT void strip_dot(int64_t kb, const float* x, int64_t ldx, cons
     const char* ahead1 = reinterpret_cast<const char*>(row1 + kBlockRows * ldw);
 #pragma GCC unroll 16
     for (int l = 0; l < kLines; ++l) {
-      _mm_prefetch(ahead0 + 64 * l, _MM_HINT_T0);
-      _mm_prefetch(ahead1 + 64 * l, _MM_HINT_T0);
+      prefetch_strip_line(ahead0 + 64 * l, to_l2);
+      prefetch_strip_line(ahead1 + 64 * l, to_l2);
     }
 #pragma GCC unroll 8
     for (int u = 0; u < NU; ++u) {
@@ -324,12 +338,8 @@ void skinny_mm_avx512(int64_t rows, int64_t k, int64_t j0, int64_t j1, const flo
   thread_local std::vector<float> buffer;
   buffer.resize(static_cast<size_t>(rows * width));
   float* acc = buffer.data();
-  if (rows <= 2 && row_walk_preferred()) {
-    if (rows == 1) {
-      row_walk<T, 1>(k, width, x, ldx, w + j0, ldw, acc);
-    } else {
-      row_walk<T, 2>(k, width, x, ldx, w + j0, ldw, acc);
-    }
+  if (rows == 1 && row_walk_preferred()) {
+    row_walk<T, 1>(k, width, x, ldx, w + j0, ldw, acc);
   } else {
     // bfloat16 x (exact in the float32 x here) as the pairs of the dot-product strips
     bool dot = false;
