@@ -1,9 +1,9 @@
 // grouped_mm_quantized on CPU. Each expert's product is cut into column blocks, and threads take blocks from a
 // shared counter. With bfloat16 activations on a CPU with AMX, an expert of amx_min_rows(bits) to
 // amx_max_rows(bits) rows runs quantized_amx_mm (codes decoded to bfloat16 tiles). An expert with at most
-// kQuantizedSkinnyMaxRows rows (float32, bfloat16 or float16 activations; for 4-bit codes with bfloat16 activations
-// on vdpbf16ps, kQ4DotSkinnyMaxRows) runs quantized_skinny_mm: one pass over
-// its packed weight, dequantized in registers. Other experts (and float64)
+// kQuantizedSkinnyMaxRows rows (float32, bfloat16 or float16 activations; for bfloat16 activations on vdpbf16ps,
+// kDotSkinnyMaxRows) runs quantized_skinny_mm: one pass over its packed weight, dequantized in registers. Other
+// experts (and float64)
 // dequantize one panel of columns (at most kPanelBytes) at a time into a thread-local buffer of the activations'
 // dtype, and a GEMM multiplies a block of at most kRowBlock of the expert's rows with it (torchmoe's AVX-512 GEMM for float32 where it beats BLAS, else
 // at::mm): no float copy of the whole weight. Panels have a fixed width, so no result depends on the thread count.
@@ -26,12 +26,14 @@ namespace torchmoe::ops {
 namespace {
 
 // Up to this many rows, one pass over the packed weight with the rows' sums in registers beats dequantizing
-// panels for a GEMM; with 4-bit codes and bfloat16 activations on vdpbf16ps, up to kQ4DotSkinnyMaxRows. 8 experts
-// of 2048 x 768 int4 (group 128) from memory, 2 threads of the 2-core Zen 4, us per product (panels against the
-// vdpbf16ps strips): 24 rows 3030/1930, 32 rows 3514/2577, 48 rows 4537/3750, 64 rows 6115/5291, 128 rows
-// 9920/10538.
+// panels for a GEMM; with bfloat16 activations on vdpbf16ps (4-bit codes, or 8-bit ones of an even group size),
+// up to kDotSkinnyMaxRows. 2 threads of the 2-core Zen 4, us per product, panels against the vdpbf16ps strips:
+// 8 experts of 2048 x 768 int4 (group 128) from memory, 24 rows 3030/1930, 32 rows 3514/2577, 48 rows 4537/3750,
+// 64 rows 6115/5291, 128 rows 9920/10538; 8 experts of 2048 x 1536 int8, 24 rows 9437-9873/3936-4282, 32 rows
+// 10364-11187/5123-6191, 64 rows 12159-12960/10404-10844, 128 rows 20234-20695/21039-24780 (2 of 8 experts of
+// 1024 x 2048: 64 rows 2064-2146/2080-2206).
 constexpr int64_t kQuantizedSkinnyMaxRows = 16;
-constexpr int64_t kQ4DotSkinnyMaxRows = 64;
+constexpr int64_t kDotSkinnyMaxRows = 64;
 // With bfloat16 activations on AMX (cpu::quantized_amx_mm), experts of amx_min_rows(bits) to amx_max_rows(bits)
 // rows: there the decode into tiles costs less than the skinny kernel's multiply-adds and the panels' bfloat16
 // copies. Measured on a 2-core Xeon (2048 x 1536, 30-200 weights cycled from memory, us per product, AMX against
@@ -202,9 +204,9 @@ at::Tensor grouped_mm_quantized_cpu(const at::Tensor& x_in, const at::Tensor& qw
   const bool skinny_ok = skinny_dtype(x.scalar_type());
   const bool amx_ok = x.scalar_type() == at::kBFloat16 && cpu::amx_available() &&
                       cpu::quantized_amx_supports(w.expert(0));
-  const int64_t skinny_max_rows =
-      w.bits == 4 && x.scalar_type() == at::kBFloat16 && cpu::q4_bf16_dot_available() ? kQ4DotSkinnyMaxRows
-                                                                                        : kQuantizedSkinnyMaxRows;
+  const bool bf16_dot = x.scalar_type() == at::kBFloat16 &&
+                        (w.bits == 4 ? cpu::q4_bf16_dot_available() : cpu::q8_bf16_dot_available(w.group_size));
+  const int64_t skinny_max_rows = bf16_dot ? kDotSkinnyMaxRows : kQuantizedSkinnyMaxRows;
   std::vector<int64_t> skinny_experts, amx_experts;
   std::vector<Block> blocks;
   for (int64_t e = 0; e + 1 < static_cast<int64_t>(offsets.size()); ++e) {

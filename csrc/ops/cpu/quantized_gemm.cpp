@@ -311,6 +311,11 @@ bool bf16_dot_walk_available() {
   return available;
 }
 
+bool int8_bf16_dot_enabled() {
+  static const bool enabled = __builtin_cpu_supports("avx512bf16");
+  return enabled;
+}
+
 // Word i: the bfloat16 value of table code i & 15 (code - 8 for the symmetric form).
 template <bool Asym>
 TORCHMOE_QGEMM_DOT __m512i bf16_code_table() {
@@ -462,11 +467,58 @@ TORCHMOE_QGEMM_DOT void qstrip_dot(const BlockArgs& a, int64_t j, int64_t cols, 
   finish_strip<Asym, RB, NV>(a, j, masks, acc, gacc, total, width);
 }
 
+// qstrip for 8-bit codes and bfloat16 x on a CPU with AVX-512 BF16: the codes of reduction rows p and p + 1 as
+// one vector of bfloat16 pairs (int8 values are exact in bfloat16, and a float of one has its low 16 bits zero), then
+// one vdpbf16ps per row of x against (x[p], x[p + 1]) in place of two multiply-adds: the same bits, as in
+// q4_dot_walk_group. From 3 rows up a strip is bound by its multiply-adds, which this halves. kb is even (the caller
+// takes it for even group sizes only).
+template <int RB, bool Full>
+TORCHMOE_QGEMM_DOT void qstrip8_dot(const BlockArgs& a, int64_t j, int64_t cols, float* gacc, float* total,
+                                    int64_t width) {
+  constexpr int NV = kVectors<RB>;
+  if constexpr (Full) cols = 16 * NV;
+  const QuantizedMatrix& w = *a.w;
+  __mmask16 masks[NV];
+  for (int v = 0; v < NV; ++v) masks[v] = lane_mask(cols - 16 * v);
+  const bool to_l2 = strip_prefetch_to_l2();
+  __m512 acc[RB][NV];
+  start_strip<RB, NV>(a, masks, gacc, width, acc);
+  for (int64_t p = a.p0; p < a.p0 + a.kb; p += 2) {
+    const int8_t* row0 = reinterpret_cast<const int8_t*>(w.q) + p * w.n + j;
+    const int8_t* row1 = row0 + w.n;
+    prefetch_strip<NV>(reinterpret_cast<const uint8_t*>(row0), w.n, to_l2);
+    prefetch_strip<NV>(reinterpret_cast<const uint8_t*>(row1), w.n, to_l2);
+    __m512bh xpair[RB];
+#pragma GCC unroll 8
+    for (int r = 0; r < RB; ++r) xpair[r] = (__m512bh)_mm512_set1_epi32(static_cast<int>(a.xpairs[r * a.ld_pairs + (p >> 1)]));
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) {
+      // word 1 of a lane: row p's code, word 0: row p + 1's (vdpbf16ps adds the word-1 product first)
+      const __m512i even = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(masks[v], row0 + 16 * v))));
+      const __m512i odd = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(masks[v], row1 + 16 * v))));
+      const __m512bh codes = (__m512bh)_mm512_or_si512(even, _mm512_srli_epi32(odd, 16));
+#pragma GCC unroll 8
+      for (int r = 0; r < RB; ++r) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], codes, xpair[r]);
+    }
+  }
+  finish_strip<false, RB, NV>(a, j, masks, acc, gacc, total, width);
+}
+
 template <int BITS, bool Asym, int RB>
 void block_strips(const BlockArgs& a, int64_t j0, int64_t width, float* gacc, float* total) {
   constexpr int64_t kWidth = 16 * kVectors<RB>;
   for (int64_t c = 0; c < width; c += kWidth) {
     const int64_t cols = std::min(kWidth, width - c);
+    if constexpr (BITS == 8) {
+      if (a.xpairs != nullptr) {
+        if (cols == kWidth) {
+          qstrip8_dot<RB, true>(a, j0 + c, cols, gacc + c, total + c, width);
+        } else {
+          qstrip8_dot<RB, false>(a, j0 + c, cols, gacc + c, total + c, width);
+        }
+        continue;
+      }
+    }
     if constexpr (BITS == 4) {
       if (a.xpairs != nullptr) {
         if (cols == kWidth) {
@@ -529,6 +581,11 @@ void quantized_skinny_mm_avx512(const QuantizedMatrix& w, int64_t rows, int64_t 
     thread_local std::vector<uint32_t> pairs;
     bool dot = false;
     if constexpr (BITS == 4 && std::is_same_v<T, c10::BFloat16>) dot = bf16_dot_walk_available();
+    // 8 bits: pairs of reduction rows, so an even group size (every block then starts on an even row); from 3
+    // rows, where the multiply-adds bind
+    if constexpr (BITS == 8 && std::is_same_v<T, c10::BFloat16>) {
+      dot = rows >= 3 && q8_bf16_dot_available(w.group_size);
+    }
     if (dot) {
       pairs.resize(static_cast<size_t>(rows * (w.k / 2)));
       for (int64_t r = 0; r < rows; ++r) {
@@ -651,6 +708,15 @@ bool q4_bf16_dot_available() {
 #if TORCHMOE_HAVE_QGEMM_AVX512
   return skinny_avx512_available() && bf16_dot_walk_available();
 #else
+  return false;
+#endif
+}
+
+bool q8_bf16_dot_available(int64_t group_size) {
+#if TORCHMOE_HAVE_QGEMM_AVX512
+  return skinny_avx512_available() && int8_bf16_dot_enabled() && group_size % 2 == 0;
+#else
+  (void)group_size;
   return false;
 #endif
 }

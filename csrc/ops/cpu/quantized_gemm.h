@@ -38,6 +38,10 @@ void quantized_skinny_mm(const QuantizedMatrix& w, int64_t rows, int64_t j0, int
 // and the AVX-512 kernels on): two codes per instruction, the same bits as the multiply-adds elsewhere.
 bool q4_bf16_dot_available();
 
+// Whether 8-bit codes with bfloat16 activations take quantized_skinny_mm's vdpbf16ps strips from 3 rows (AVX-512
+// BF16, the AVX-512 kernels on, and an even group_size: the strips pair reduction rows): the same bits again.
+bool q8_bf16_dot_available(int64_t group_size);
+
 // dst[p - p0, j - j0] = w[p, j] for p0 <= p < p1, j0 <= j < j1 (dst row stride ldd), computed in float32 as
 // scale * (q - zero), then converted to T (float, double, c10::BFloat16, c10::Half). p0 and p1 are even for 4 bits.
 template <typename T>
