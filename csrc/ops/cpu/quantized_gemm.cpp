@@ -504,35 +504,28 @@ TORCHMOE_QGEMM_DOT void qstrip8_dot(const BlockArgs& a, int64_t j, int64_t cols,
   finish_strip<false, RB, NV>(a, j, masks, acc, gacc, total, width);
 }
 
+// One strip: the vdpbf16ps form where the caller made the bfloat16 pairs of x, else the multiply-adds.
+template <int BITS, bool Asym, int RB, bool Full>
+void any_strip(const BlockArgs& a, int64_t j, int64_t cols, float* gacc, float* total, int64_t width) {
+  if (a.xpairs != nullptr) {
+    if constexpr (BITS == 8) {
+      return qstrip8_dot<RB, Full>(a, j, cols, gacc, total, width);
+    } else {
+      return qstrip_dot<Asym, RB, Full>(a, j, cols, gacc, total, width);
+    }
+  }
+  qstrip<BITS, Asym, RB, Full>(a, j, cols, gacc, total, width);
+}
+
 template <int BITS, bool Asym, int RB>
 void block_strips(const BlockArgs& a, int64_t j0, int64_t width, float* gacc, float* total) {
   constexpr int64_t kWidth = 16 * kVectors<RB>;
   for (int64_t c = 0; c < width; c += kWidth) {
     const int64_t cols = std::min(kWidth, width - c);
-    if constexpr (BITS == 8) {
-      if (a.xpairs != nullptr) {
-        if (cols == kWidth) {
-          qstrip8_dot<RB, true>(a, j0 + c, cols, gacc + c, total + c, width);
-        } else {
-          qstrip8_dot<RB, false>(a, j0 + c, cols, gacc + c, total + c, width);
-        }
-        continue;
-      }
-    }
-    if constexpr (BITS == 4) {
-      if (a.xpairs != nullptr) {
-        if (cols == kWidth) {
-          qstrip_dot<Asym, RB, true>(a, j0 + c, cols, gacc + c, total + c, width);
-        } else {
-          qstrip_dot<Asym, RB, false>(a, j0 + c, cols, gacc + c, total + c, width);
-        }
-        continue;
-      }
-    }
     if (cols == kWidth) {
-      qstrip<BITS, Asym, RB, true>(a, j0 + c, cols, gacc + c, total + c, width);
+      any_strip<BITS, Asym, RB, true>(a, j0 + c, cols, gacc + c, total + c, width);
     } else {
-      qstrip<BITS, Asym, RB, false>(a, j0 + c, cols, gacc + c, total + c, width);
+      any_strip<BITS, Asym, RB, false>(a, j0 + c, cols, gacc + c, total + c, width);
     }
   }
 }
@@ -577,7 +570,7 @@ void quantized_skinny_mm_avx512(const QuantizedMatrix& w, int64_t rows, int64_t 
   if (rows == 1 && row_walk_preferred()) {
     walk_rows<T, BITS, Asym, 1>(w, j0, width, x, ldx, xsum.data(), gacc, total);
   } else {
-    // bfloat16 x (exact in the float32 x here) as the pairs of the 4-bit dot-product strips
+    // bfloat16 x (exact in the float32 x here) as the pairs of the dot-product strips
     thread_local std::vector<uint32_t> pairs;
     bool dot = false;
     if constexpr (BITS == 4 && std::is_same_v<T, c10::BFloat16>) dot = bf16_dot_walk_available();
