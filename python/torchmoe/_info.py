@@ -36,8 +36,8 @@ KNOBS = [
     ("TORCHMOE_DISABLE_AMX", "", "run time (read once)",
      "set to anything but '' or '0': no AMX kernels (the skinny kernels, at::mm and dequantized panels instead)"),
     ("TORCHMOE_SKINNY_ROW_WALK", "", "run time (read once)",
-     "1: experts of one row (float, int8 or int4) walk the weight row by row (the default on AMD CPUs); 0: in "
-     "16-row strips (the default elsewhere); the same bits either way"),
+     "1: experts of one row (float, int8 or int4) walk the weight row by row (the default for float weights "
+     "on AMD CPUs); 0: in 16-row strips (the default elsewhere); the same bits either way"),
     ("TORCHMOE_GROUPED_MM_FALLBACK", "", "run time, CUDA (read once)",
      "1: CUDA grouped_mm never uses torch's grouped GEMM (torchmoe's own kernels instead)"),
     ("TORCHMOE_CPU_ONLY", "0", "build", "1: build without the CUDA kernels"),

@@ -270,6 +270,26 @@ def test_op_equals_the_public_ops_composed(bits, activation):
 
 
 @pytest.mark.parametrize("bits", [0, 4])
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_op_without_grad_mode_records_nothing_and_keeps_the_bits(bits, mode):
+    # With grad mode off the op's inner ops skip their autograd kernels (a decode step's saving): the outputs are
+    # the same bits as with grad mode on, and nothing requires grad even where the inputs do.
+    torch.manual_seed(bits)
+    args = list(sample_args(bits, "swiglu", dtype=torch.float32))
+    args[0] = args[0].requires_grad_()
+    if bits == 0:
+        args[10:13] = [w.requires_grad_() for w in args[10:13]]
+    with_grad = torch.ops.torchmoe._moe_forward(*args)
+    assert with_grad[0].requires_grad and with_grad[0].grad_fn is not None
+    with (torch.no_grad() if mode == "no_grad" else torch.inference_mode()):
+        without = torch.ops.torchmoe._moe_forward(*args)
+    for got, want in zip(without, with_grad):
+        assert not got.requires_grad
+        assert torch.equal(got, want.detach())
+    assert torch.is_grad_enabled()  # the op restored the dispatch state
+
+
+@pytest.mark.parametrize("bits", [0, 4])
 def test_opcheck(bits):
     torch.manual_seed(0)
     torch.library.opcheck(torch.ops.torchmoe._moe_forward.default, sample_args(bits, "swiglu"),

@@ -3,8 +3,9 @@
 // most 8 rows while it is in cache. A strip's accumulators stay in registers within a block; between blocks they
 // wait in a float32 buffer (the group's running sum), and at a group's last block they are scaled into a second
 // buffer (the total). 4-bit codes become floats with one permute against a 16-entry table (the table already
-// holds code - 8 for the symmetric form). Where row_walk_preferred() (AMD), one row walks the packed weight
-// row after row instead (one sequential stream per thread), in the same order of multiply-adds, so with the same
+// holds code - 8 for the symmetric form). With TORCHMOE_SKINNY_ROW_WALK=1 (see row_walk_preferred: no CPU
+// walks packed weights by default since the strips prefetch into L2 on AMD), one row walks the packed weight row
+// after row instead (one sequential stream per thread), in the same order of multiply-adds, so with the same
 // bits. For 4 bits and bfloat16 activations, the walk and the strips take two codes at a time by vdpbf16ps where
 // the CPU has it (qstrip_dot: the same bits again).
 #include "ops/cpu/quantized_gemm.h"
@@ -567,7 +568,7 @@ void quantized_skinny_mm_avx512(const QuantizedMatrix& w, int64_t rows, int64_t 
   const auto xsum = Asym ? group_sums(w, rows, x, ldx) : std::vector<float>();
   float* gacc = group_buffer.data();
   float* total = total_buffer.data();
-  if (rows == 1 && row_walk_preferred()) {
+  if (rows == 1 && row_walk_preferred(true)) {
     walk_rows<T, BITS, Asym, 1>(w, j0, width, x, ldx, xsum.data(), gacc, total);
   } else {
     // bfloat16 x (exact in the float32 x here) as the pairs of the dot-product strips

@@ -44,15 +44,21 @@ bool is_amd() {
 // Whether one row walks w row by row (row_walk) rather than in strips: on AMD Zen 4/5 a thread streamed from
 // memory at about 0.6 of x.sum()'s rate through the strips' 16 rows with L1 prefetches and at its full rate through
 // one stream (2026-12-06, 2-core EPYC: 11-12 against 16-20 GB/s for 1 x 2048 by 2048 x 768 float32 from memory).
-// With the strips' prefetches into L2 (strip_prefetch_to_l2) the two are within the noise for one row; two rows
-// walked are slower than their strips (the sums' loads and stores in L1 per 16 columns and row), so only one walks.
-bool row_walk_preferred() {
-  static const bool preferred = [] {
+// With the strips' prefetches into L2 (strip_prefetch_to_l2) two rows walked lose to their strips (the walk loads
+// and stores its sums in L1 per 16 columns and row), and so does one row of packed int8/int4 codes, whose decode
+// already takes many instructions per 64-byte load: 2026-12-07, same VM, bench_decode at T = 1, forced walk /
+// default, three alternated runs, ms: Qwen3 int8 1.68-2.34 / 1.23-1.97, int4 0.98-1.20 / 0.81-0.82;
+// Mixtral-routing int8 0.40-0.47 / 0.30-0.34, int4 0.26-0.28 / 0.20-0.23. Float weights of one row still walk: the
+// bfloat16 Qwen3 layer at T = 1 took 2.68-3.06 ms walked against 2.91-3.68 through the strips (though the product
+// alone, 8 of 128 experts from memory, went the other way: 659-920 against 547-715 us).
+bool row_walk_preferred(bool quantized_weight) {
+  static const int forced = [] {
     const char* env = std::getenv("TORCHMOE_SKINNY_ROW_WALK");
-    if (env != nullptr && *env != '\0') return env[0] == '1';
-    return is_amd();
+    if (env != nullptr && *env != '\0') return env[0] == '1' ? 1 : 0;
+    return -1;
   }();
-  return preferred;
+  if (forced >= 0) return forced == 1;
+  return !quantized_weight && is_amd();
 }
 
 bool strip_prefetch_to_l2() { return is_amd(); }
@@ -338,7 +344,7 @@ void skinny_mm_avx512(int64_t rows, int64_t k, int64_t j0, int64_t j1, const flo
   thread_local std::vector<float> buffer;
   buffer.resize(static_cast<size_t>(rows * width));
   float* acc = buffer.data();
-  if (rows == 1 && row_walk_preferred()) {
+  if (rows == 1 && row_walk_preferred(false)) {
     row_walk<T, 1>(k, width, x, ldx, w + j0, ldw, acc);
   } else {
     // bfloat16 x (exact in the float32 x here) as the pairs of the dot-product strips

@@ -47,8 +47,9 @@ void with_group_rows(int rows, const Fn& fn) {
 bool skinny_avx512_available();
 
 // Whether products of one row walk the weight row after row (one sequential stream per thread) rather than in
-// strips of many rows: on AMD (TORCHMOE_SKINNY_ROW_WALK=0/1 forces either).
-bool row_walk_preferred();
+// strips of many rows: for float weights on AMD, never for packed int8/int4 ones (TORCHMOE_SKINNY_ROW_WALK=0/1 forces
+// either, for every weight).
+bool row_walk_preferred(bool quantized_weight);
 
 // Where the strips prefetch the next k-block's lines: into L2 on AMD, into L1 elsewhere (as tuned on Intel). A
 // block ahead is 16 rows of a thread's columns, 12-24 KiB for a Qwen3 expert's half on 2 threads: most of a 32 KiB
