@@ -281,12 +281,17 @@ def test_op_without_grad_mode_records_nothing_and_keeps_the_bits(bits, mode):
         args[10:13] = [w.requires_grad_() for w in args[10:13]]
     with_grad = torch.ops.torchmoe._moe_forward(*args)
     assert with_grad[0].requires_grad and with_grad[0].grad_fn is not None
+
+    def autograd_excluded():  # what the op's guard sets while its inner ops run
+        return torch._C._dispatch_tls_is_dispatch_key_excluded(torch._C.DispatchKey.ADInplaceOrView)
+
     with (torch.no_grad() if mode == "no_grad" else torch.inference_mode()):
+        assert not autograd_excluded()
         without = torch.ops.torchmoe._moe_forward(*args)
+        assert not autograd_excluded()  # the op's guard ends with the op: later ops still see their autograd kernels
     for got, want in zip(without, with_grad):
         assert not got.requires_grad
         assert torch.equal(got, want.detach())
-    assert torch.is_grad_enabled()  # the op restored the dispatch state
 
 
 @pytest.mark.parametrize("bits", [0, 4])
